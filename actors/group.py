@@ -1,0 +1,102 @@
+"""One placement helper for every actor group (rollout, value, learner, stats): the driver reads like
+single-process code — `group.call("method", ...)` runs on every worker, `group.map(...)` spreads items.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoleSpec:
+    """How many workers a role gets and what each one reserves (GPU fractions allowed)."""
+
+    num_workers: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    custom_resources: dict[str, float] = field(default_factory=dict)  # e.g. {"rollout": 1}: used when the cluster has it
+    strategy: str = "PACK"  # placement strategy of the group's bundles
+    ready_timeout_s: float = 120.0  # how long to wait for the cluster to fit the group
+
+    def validate(self, role: str) -> None:
+        """Clear errors for impossible requests."""
+        if self.num_workers < 1:
+            raise ValueError(f"{role}.num_workers must be >= 1, got {self.num_workers}")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError(f"{role}: num_cpus and num_gpus must be >= 0")
+        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
+            raise ValueError(f"{role}.num_gpus={self.num_gpus}: fractions are allowed only below 1")
+
+
+def bundle(spec: RoleSpec, role: str) -> dict[str, float]:
+    """The resources of one worker; custom resources the cluster does not offer are dropped with a warning."""
+    have = ray.cluster_resources()
+    b = {"CPU": spec.num_cpus}
+    if spec.num_gpus:
+        b["GPU"] = spec.num_gpus
+    for name, amount in spec.custom_resources.items():
+        if name in have:
+            b[name] = amount
+        else:
+            log.warning("cluster offers no %r resource; %s workers go on any node", name, role)
+    return {k: v for k, v in b.items() if v}
+
+
+class ActorGroup:
+    """N actors of one class in one placement group."""
+
+    def __init__(self, actor_cls, spec: RoleSpec, *args, role: str = "worker", **kwargs):
+        spec.validate(role)
+        self.role, self.spec = role, spec
+        one = bundle(spec, role)
+        self.pg = placement_group([dict(one) for _ in range(spec.num_workers)], strategy=spec.strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=spec.ready_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise RuntimeError(
+                f"cannot place {spec.num_workers} {role} workers of {one} within {spec.ready_timeout_s:.0f} s; "
+                f"the cluster has {ray.cluster_resources()} (available {ray.available_resources()}). "
+                f"Lower {role}.num_workers / num_gpus or add nodes (see `ray status`)."
+            ) from None
+        remote = ray.remote(actor_cls)
+        self.workers = [
+            remote.options(
+                num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
+                resources={k: v for k, v in one.items() if k not in ("CPU", "GPU")},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k),
+                max_restarts=1, max_task_retries=1,
+            ).remote(*args, rank=k, world_size=spec.num_workers, **kwargs)
+            for k in range(spec.num_workers)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def call_async(self, method: str, *args, **kwargs) -> list:
+        """Start `method` on every worker; returns the object refs."""
+        return [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
+
+    def call(self, method: str, *args, timeout: float | None = None, **kwargs) -> list:
+        """Run `method` on every worker and wait for all results."""
+        return ray.get(self.call_async(method, *args, **kwargs), timeout=timeout)
+
+    def map(self, method: str, items: Sequence[Any], timeout: float | None = None) -> list:
+        """Spread items round-robin over the workers (one call per item); results in item order."""
+        refs = [getattr(self.workers[k % len(self.workers)], method).remote(x) for k, x in enumerate(items)]
+        return ray.get(refs, timeout=timeout)
+
+    def shutdown(self) -> None:
+        """Kill the workers and free the placement group."""
+        for w in self.workers:
+            ray.kill(w)
+        remove_placement_group(self.pg)

@@ -1,0 +1,21 @@
+"""Ray start-up shared by every recipe: join the cluster under `ray job submit`, else a local instance."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the job's cluster (RAY_ADDRESS, set by `ray job submit`) or start a local Ray on 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+                        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+                        "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", runtime_env=env)

@@ -1,0 +1,43 @@
+"""Typed configs: dataclass schema + optional YAML + key=value overrides, validated at start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that does not fit its schema or fails validation."""
+
+
+def load_config(schema: type[T], overrides: Sequence[str] = (), yaml: str | Path | None = None) -> T:
+    """schema defaults <- YAML file <- key=value overrides; unknown keys and wrong types are errors.
+
+    The result is the dataclass instance; its `validate()` (if any) runs before it is returned.
+    """
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got {bad}")
+    try:
+        cfg = OmegaConf.structured(schema)
+        if yaml is not None:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(yaml))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"bad config{f' key {key!r}' if key else ''}: {e.msg if hasattr(e, 'msg') else e}") from e
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def to_dict(cfg) -> dict:
+    """A plain dict of a (nested) dataclass config, for manifests and logs."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -1,0 +1,202 @@
+"""Noisy-latent fidelity benchmark (the paper's Table 5 on the tiny world) and the cost of one value call.
+
+    python -m rlstitch.eval.fidelity --stitch DIR --json PATH --plot PNG
+
+DIR is a `python -m rlstitch.stitch.build ... baselines=true` output: the finetuned StitchVM, with
+closed_form/, vae_stitch/ and noisy_reward/ inside. For every t in {0.1, 0.25, 0.5, 0.75, 0.9} it reports
+image->text and text->image Recall@1 (CLIP-type rewards; SRCC with the labels for the aesthetic reward)
+of clean, tweedie, vae_stitch, noisy_reward, stitchvm_cf and stitchvm, plus value / value_and_grad cost at
+batch 16 for stitchvm vs tweedie, all in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from rlstitch.eval.metrics import recall_at_1, spearman, unique_captions
+from rlstitch.io import atomic_write_text
+from rlstitch.models.registry import BACKBONES, load_backbone, load_codec, load_reward
+from rlstitch.sampling.flow import forward_noise
+from rlstitch.stitch import artifact
+from rlstitch.stitch.vm import LatentTokens
+from rlstitch.tinyworld import data
+from rlstitch.value.estimators import Tweedie
+from rlstitch.value.noisy import NoisyReward
+
+TIMES = ("0.1", "0.25", "0.5", "0.75", "0.9")
+METHODS = ("clean", "tweedie", "vae_stitch", "noisy_reward", "stitchvm_cf", "stitchvm")
+
+
+def load_methods(stitch: Path) -> tuple[dict, object, object, object]:
+    """Every value estimator of the benchmark, from one stitch build folder."""
+    manifest = artifact.read_manifest(stitch)
+    backbone = load_backbone(manifest["backbone"]["name"])
+    reward = load_reward(manifest["reward"]["name"])
+    codec = load_codec(BACKBONES[backbone.name].vae)
+    ident = LatentTokens(backbone.latent_channels, name=f"latent:{backbone.name}")
+    methods = {
+        "tweedie": Tweedie(backbone, codec, reward).eval(),
+        "vae_stitch": artifact.load(stitch / "vae_stitch", ident, reward),
+        "noisy_reward": NoisyReward.load(stitch / "noisy_reward", reward),
+        "stitchvm_cf": artifact.load(stitch / "closed_form", backbone, reward),
+        "stitchvm": artifact.load(stitch, backbone, reward),
+    }
+    return methods, backbone, reward, codec
+
+
+@torch.no_grad()
+def embeddings(method, z0: torch.Tensor, t: float, seed: int, chunk: int = 125) -> torch.Tensor:
+    """Embeddings of z_t = (1-t) z0 + t eps with fixed noise."""
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
+    zt = forward_noise(z0, t, eps)
+    return torch.cat([method.embed(zt[k : k + chunk], torch.full((len(zt[k : k + chunk]),), t))
+                      for k in range(0, len(zt), chunk)])
+
+
+def fidelity_table(methods: dict, reward, codec, n: int) -> dict:
+    """R@1 (or SRCC) per method and t on n held-out pairs."""
+    b = data.batch(range(n), "val")
+    images = data.to_tensor(b["images"])
+    with torch.no_grad():
+        z0 = torch.cat([codec.encode(images[k : k + 250]) for k in range(0, n, 250)])
+        clean = torch.cat([reward.embed_image(images[k : k + 250]) for k in range(0, n, 250)])
+    aesthetic = reward.kind == "aesthetic"
+    gallery = unique_captions(b["captions"])
+    txt = None if aesthetic else reward.embed_text(gallery)
+
+    def score(emb):
+        if aesthetic:
+            return {"srcc": spearman(reward.score_embedding(emb, None).tolist(), b["aesthetic"].tolist())}
+        r = recall_at_1(emb, b["captions"], txt, gallery)
+        return {"r1_i2t": r["i2t"], "r1_t2i": r["t2i"]}
+
+    keys = ("srcc",) if aesthetic else ("r1_i2t", "r1_t2i")
+    out = {k: {m: {} for m in METHODS} for k in keys}
+    base = score(clean)
+    for k in keys:
+        out[k]["clean"] = {t: base[k] for t in TIMES}
+    for name, method in methods.items():
+        for t in TIMES:
+            res = score(embeddings(method, z0, float(t), seed=int(float(t) * 1000)))
+            for k in keys:
+                out[k][name][t] = res[k]
+    out["gallery_size"] = n
+    out["gallery_captions"] = len(gallery)
+    return out
+
+
+def peak_mb(fn) -> float:
+    """Peak memory of fn: device peak on GPU; on CPU the peak of torch's own allocations (profiler)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return torch.cuda.max_memory_allocated() / 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    level = peak = 0
+    for e in events:
+        level += e.self_cpu_memory_usage
+        peak = max(peak, level)
+    return peak / 2**20
+
+
+def cost(method, z: torch.Tensor, prompts: list[str], repeats: int = 7) -> dict:
+    """Median ms of value and value_and_grad at this batch, and the peak memory of value_and_grad."""
+    def timed(fn):
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            s = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - s))
+        return statistics.median(times)
+
+    t = torch.full((len(z),), 0.5)
+    with torch.no_grad():
+        value_ms = timed(lambda: method.value(z, t, prompts))
+    grad_ms = timed(lambda: method.value_and_grad(z, t, prompts))
+    return {"value_ms": value_ms, "grad_ms": grad_ms, "grad_peak_mb": peak_mb(lambda: method.value_and_grad(z, t, prompts))}
+
+
+def plot(res: dict, path: Path) -> None:
+    """R@1 (or SRCC) against t for every method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = "srcc" if "srcc" in res else "r1_i2t"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ts = [float(t) for t in TIMES]
+    for m in METHODS:
+        style = "--" if m == "clean" else "-o"
+        ax.plot(ts, [res[key][m][t] for t in TIMES], style, label=m)
+    ax.set_xlabel("t (noise level)")
+    ax.set_ylabel("SRCC" if key == "srcc" else "image->text Recall@1")
+    ax.set_title(f"Noisy-latent fidelity ({res['gallery_size']} held-out pairs)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run(stitch: Path, n: int = 500) -> dict:
+    """The whole benchmark."""
+    t0 = time.time()
+    methods, backbone, reward, codec = load_methods(stitch)
+    res = fidelity_table(methods, reward, codec, n)
+    b = data.batch(range(16), "test")
+    with torch.no_grad():
+        z = codec.encode(data.to_tensor(b["images"]))
+    prompts = list(b["captions"])
+    res["cost"] = {m: cost(methods[m], z, prompts) for m in ("stitchvm", "tweedie")}
+    res["cost"]["batch"] = 16
+    res["cost"]["speedup_grad"] = res["cost"]["tweedie"]["grad_ms"] / res["cost"]["stitchvm"]["grad_ms"]
+    res["cost"]["memory_ratio_grad"] = res["cost"]["stitchvm"]["grad_peak_mb"] / res["cost"]["tweedie"]["grad_peak_mb"]
+    res["stitch"] = {"i": methods["stitchvm"].i, "j": methods["stitchvm"].j, "backbone": backbone.name,
+                     "reward": reward.name}
+    res["seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+def print_table(res: dict) -> None:
+    """The figures as a text table."""
+    for key in [k for k in ("r1_i2t", "r1_t2i", "srcc") if k in res]:
+        print(f"\n{key} ({res['gallery_size']} pairs)")
+        print("method        " + "".join(f"{t:>8s}" for t in TIMES))
+        for m in METHODS:
+            print(f"{m:14s}" + "".join(f"{res[key][m][t]:8.3f}" for t in TIMES))
+    c = res["cost"]
+    print(f"\ncost at batch {c['batch']}: value ms stitchvm {c['stitchvm']['value_ms']:.1f} vs tweedie "
+          f"{c['tweedie']['value_ms']:.1f}; value_and_grad ms {c['stitchvm']['grad_ms']:.1f} vs "
+          f"{c['tweedie']['grad_ms']:.1f} ({c['speedup_grad']:.2f}x faster); peak MB {c['stitchvm']['grad_peak_mb']:.1f} "
+          f"vs {c['tweedie']['grad_peak_mb']:.1f} ({c['memory_ratio_grad']:.2f}x)")
+
+
+def main(argv=None) -> None:
+    """CLI entry point."""
+    p = argparse.ArgumentParser(description="Noisy-latent fidelity of a StitchVM and its baselines")
+    p.add_argument("--stitch", required=True, help="a stitch build folder (with baselines)")
+    p.add_argument("--json", required=True)
+    p.add_argument("--plot", default=None, help="PNG (default: beside the JSON)")
+    p.add_argument("--gallery", type=int, default=500, help="held-out image/caption pairs")
+    a = p.parse_args(argv)
+    res = run(Path(a.stitch), a.gallery)
+    atomic_write_text(a.json, json.dumps(res, indent=2))
+    plot(res, Path(a.plot) if a.plot else Path(a.json).with_suffix(".png"))
+    print_table(res)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training utilities and algorithms (checkpoints, DiffusionNFT, DRaFT)."""

@@ -1,0 +1,60 @@
+"""Registry: tiny models saved to a folder load back by name; missing weights raise the clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+def test_tiny_models_round_trip(tmp_path, tiny_clip_reward):
+    from rlstitch.models.registry import load_backbone, load_codec, load_reward, save_tiny_clip
+    from rlstitch.tinyworld import models as tm
+    from tests.conftest import WORDS
+
+    save_tiny_clip(tiny_clip_reward.clip, tm.clip_config(WORDS), tmp_path / "clip")
+    vae = tm.build("vae", seed=3)
+    vae.save_pretrained(tmp_path / "vae")
+    sd3 = tm.build("sd3", seed=4)
+    sd3.save_pretrained(tmp_path / "sd3")
+
+    reward = load_reward("tiny-clip", path=str(tmp_path / "clip"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(reward.embed_image(x), tiny_clip_reward.embed_image(x))
+    codec = load_codec("tiny-vae", path=str(tmp_path / "vae"))
+    assert codec.encode(x).shape == (2, 4, 8, 8)
+    bb = load_backbone("tiny-sd3", path=str(tmp_path / "sd3"), with_text=False)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(bb.model(z, torch.zeros(1, 1, 64), torch.zeros(1, 64), torch.tensor([500.0]))[0],
+                                   sd3.eval()(z, torch.zeros(1, 1, 64), torch.zeros(1, 64), torch.tensor([500.0]))[0])
+    assert not any(p.requires_grad for p in bb.parameters())
+
+
+def test_missing_weights_name_what_to_download(tmp_path):
+    from rlstitch.models.registry import WeightsNotFoundError, load_backbone, load_codec, load_reward
+
+    with pytest.raises(WeightsNotFoundError, match="sd35-medium.*stabilityai/stable-diffusion-3.5-medium"):
+        load_backbone("sd35-medium", path=str(tmp_path), with_text=False)
+    with pytest.raises(WeightsNotFoundError, match="hpsv2.*HPSv2"):
+        load_reward("hpsv2", path=str(tmp_path))
+    with pytest.raises(WeightsNotFoundError, match="aesthetic"):
+        load_reward("aesthetic")
+    with pytest.raises(WeightsNotFoundError, match="tiny-vae"):
+        load_codec("tiny-vae", path=str(tmp_path / "nothing"))
+    with pytest.raises(KeyError, match="unknown backbone"):
+        load_backbone("sd4")
+
+
+def test_mismatched_weights_fail(tmp_path, tiny_clip_reward):
+    from rlstitch.models.registry import load_reward, save_tiny_clip
+    from rlstitch.tinyworld import models as tm
+    from tests.conftest import WORDS
+
+    cfg = tm.clip_config(WORDS)
+    save_tiny_clip(tiny_clip_reward.clip, cfg, tmp_path / "clip")
+    cfg["vision_cfg"]["width"] = 96  # config says one architecture, weights hold another
+    (tmp_path / "clip" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_reward("tiny-clip", path=str(tmp_path / "clip"))

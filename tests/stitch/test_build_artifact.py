@@ -1,0 +1,131 @@
+"""End-to-end stitch build on a random-weight world: artifact contents, load checks, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+SMALL = ["probe_images=64", "batch=32", "j_max=2", "finetune.steps=4", "finetune.batch=8",
+         "finetune.train_images=32", "finetune.val_images=8", "finetune.eval_every=2", "finetune.ckpt_every=2",
+         "finetune.warmup=1"]
+
+
+@pytest.fixture(scope="module")
+def built(random_world, tmp_path_factory):
+    """A small StitchVM build with baselines on the random world."""
+    from rlstitch.stitch.build import main
+
+    out = tmp_path_factory.mktemp("stitch")
+    main([*SMALL, f"out={out}", "baselines=true"])
+    return out
+
+
+def test_build_writes_every_part(built):
+    m = json.loads((built / "manifest.json").read_text())
+    assert 1 <= m["i"] <= 8 and 0 <= m["j"] <= 2
+    assert len(m["fit"]["residuals"]) == 8 * 3
+    assert m["fit"]["chosen_residual"] == pytest.approx(min(m["fit"]["residuals"].values()), abs=1e-6)
+    assert [h["step"] for h in m["history"]] == [2, 4]
+    for part in ("closed_form", "vae_stitch", "noisy_reward"):
+        assert (built / part / "manifest.json").is_file() and (built / part / "weights.safetensors").is_file()
+    assert (built / "residuals.png").stat().st_size > 1000 and (built / "stats.safetensors").is_file()
+    assert json.loads((built / "vae_stitch" / "manifest.json").read_text())["history"][-1]["step"] == 12  # 3x
+
+
+def test_artifact_loads_and_scores(built, random_world):
+    from rlstitch.models.registry import load_backbone, load_reward
+    from rlstitch.stitch import artifact
+
+    vm = artifact.load(built, load_backbone("tiny-sd3"), load_reward("tiny-clip"))
+    v = vm.value(torch.randn(2, 4, 8, 8), 0.5, ["a red circle", "a blue square"])
+    assert v.shape == (2,) and torch.isfinite(v).all()
+
+
+def test_artifact_rejects_other_backbone_or_reward(built, random_world):
+    from rlstitch.models.registry import load_backbone, load_reward
+    from rlstitch.stitch import artifact
+
+    with pytest.raises(artifact.ArtifactError, match="built for backbone 'tiny-sd3', got 'tiny-flux'"):
+        artifact.load(built, load_backbone("tiny-flux"), load_reward("tiny-clip"))
+    bb = load_backbone("tiny-sd3")
+    with torch.no_grad():
+        next(bb.parameters()).add_(1.0)  # same name, other weights
+    with pytest.raises(artifact.ArtifactError, match="weights fingerprint"):
+        artifact.load(built, bb, load_reward("tiny-clip"))
+    with pytest.raises(artifact.ArtifactError, match="built for reward 'tiny-clip', got 'tiny-aesthetic'"):
+        artifact.load(built, load_backbone("tiny-sd3"), load_reward("tiny-aesthetic"))
+
+
+def test_altered_or_truncated_weights_fail_checksum(built, random_world, tmp_path):
+    import shutil
+
+    from rlstitch.models.registry import load_backbone, load_reward
+    from rlstitch.stitch import artifact
+
+    copy = tmp_path / "a"
+    shutil.copytree(built, copy, ignore=shutil.ignore_patterns("ckpt*", "vae_stitch", "noisy_reward"))
+    w = copy / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-10])
+    with pytest.raises(artifact.ArtifactError, match="truncated or altered"):
+        artifact.load(copy, load_backbone("tiny-sd3"), load_reward("tiny-clip"))
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(artifact.ArtifactError, match="not a StitchVM artifact manifest"):
+        artifact.load(copy, load_backbone("tiny-sd3"), load_reward("tiny-clip"))
+
+
+def test_bad_config_key_is_a_clear_error():
+    from rlstitch.config import ConfigError
+    from rlstitch.stitch.build import main
+
+    with pytest.raises(ConfigError, match="finetune.stepz"):
+        main(["finetune.stepz=3"])
+    with pytest.raises(ValueError, match="backbone='sd9' is not one of"):
+        main(["backbone=sd9"])
+
+
+def test_resumed_finetune_equals_uninterrupted(random_world, tmp_path):
+    from dataclasses import replace
+
+    from rlstitch.models.registry import load_backbone, load_codec, load_reward
+    from rlstitch.stitch.finetune import FinetuneConfig, finetune, teacher_targets
+    from rlstitch.stitch.layer import StitchLayer
+    from rlstitch.stitch.probe import load_images
+    from rlstitch.stitch.vm import StitchVM
+
+    bb, rw, codec = load_backbone("tiny-sd3"), load_reward("tiny-clip"), load_codec("tiny-vae")
+    train = teacher_targets(rw, codec, load_images("tinyworld", 16)[0])
+    val = teacher_targets(rw, codec, load_images("tinyworld", 4, "val")[0])
+    cfg = FinetuneConfig(steps=6, batch=4, train_images=16, val_images=4, eval_every=3, ckpt_every=3, warmup=2)
+
+    def fresh():
+        torch.manual_seed(0)
+        return StitchVM(bb, rw, StitchLayer(bb.hidden_dim, rw.width, (8, 8), rw.grid), i=2, j=1)
+
+    straight = fresh()
+    finetune(straight, rw, train, val, cfg)
+    resumed = fresh()
+    finetune(resumed, rw, train, val, replace(cfg, steps=3), tmp_path)  # stops after 3 steps (checkpoint)
+    hist = finetune(resumed, rw, train, val, cfg, tmp_path)  # a new process would do the same
+    assert [h["step"] for h in hist] == [3, 6]
+    for a, b in zip(straight.layer.state_dict().values(), resumed.layer.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for a, b in zip(straight.tail.state_dict().values(), resumed.tail.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_fidelity_benchmark_reports_every_method(built, random_world, tmp_path):
+    from rlstitch.eval.fidelity import METHODS, TIMES, main
+
+    out = tmp_path / "fid.json"
+    main(["--stitch", str(built), "--json", str(out), "--gallery", "40"])
+    res = json.loads(out.read_text())
+    for key in ("r1_i2t", "r1_t2i"):
+        assert set(res[key]) == set(METHODS)
+        for m in METHODS:
+            assert set(res[key][m]) == set(TIMES) and all(0 <= v <= 1 for v in res[key][m].values())
+    assert len(set(res["r1_i2t"]["clean"].values())) == 1  # clean: one figure under every t
+    for m in ("stitchvm", "tweedie"):
+        assert res["cost"][m]["value_ms"] > 0 and res["cost"][m]["grad_peak_mb"] > 0
+    assert res["gallery_size"] == 40 and (tmp_path / "fid.png").stat().st_size > 1000

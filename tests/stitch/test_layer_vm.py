@@ -1,0 +1,66 @@
+"""Stitching layer and StitchVM: exact linear fit at step 0, shapes, value/grad interface."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlstitch.stitch.layer import StitchLayer, resample_tokens
+
+
+def test_layer_starts_as_the_linear_fit():
+    torch.manual_seed(0)
+    layer = StitchLayer(16, 8, (4, 4), (4, 4))
+    W, b, cls = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 8), torch.randn(8)
+    layer.init_from_fit(W, b, cls)
+    h = torch.randn(3, 16, 16)
+    out = layer(h)
+    assert out.shape == (3, 17, 8)
+    torch.testing.assert_close(out[:, 1:], h @ W.float() + b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[:, 0], cls.expand(3, -1))
+    assert layer.residual[-1].weight.abs().sum() == 0  # G's last layer starts at zero
+
+
+def test_layer_rejects_a_fit_of_other_shape():
+    layer = StitchLayer(16, 8, (4, 4), (4, 4))
+    with pytest.raises(ValueError, match="do not match the layer"):
+        layer.init_from_fit(torch.zeros(8, 16), torch.zeros(16, 8), torch.zeros(8))
+
+
+def test_resample_commutes_with_a_linear_map():
+    x, W = torch.randn(2, 64, 5), torch.randn(5, 3)
+    a = resample_tokens(x @ W, (8, 8), (4, 4))
+    torch.testing.assert_close(a, resample_tokens(x, (8, 8), (4, 4)) @ W, atol=1e-5, rtol=1e-5)
+    assert resample_tokens(x, (8, 8), (8, 8)) is x
+
+
+def test_stitchvm_value_and_grad(random_backbone, tiny_clip_reward):
+    from rlstitch.stitch.vm import StitchVM
+
+    layer = StitchLayer(random_backbone.hidden_dim, tiny_clip_reward.width, (8, 8), tiny_clip_reward.grid)
+    vm = StitchVM(random_backbone, tiny_clip_reward, layer, i=3, j=1).eval()
+    z = torch.randn(2, 4, 8, 8)
+    prompts = ["a red circle", "a blue square"]
+    v, g = vm.value_and_grad(z, torch.tensor([0.2, 0.7]), prompts)
+    assert v.shape == (2,) and g.shape == z.shape and g.abs().sum() > 0
+    # finite-difference check of the gradient along a random direction
+    d = torch.randn_like(z)
+    eps = 1e-3
+    with torch.no_grad():
+        fd = (vm.value(z + eps * d, torch.tensor([0.2, 0.7]), prompts)
+              - vm.value(z - eps * d, torch.tensor([0.2, 0.7]), prompts)) / (2 * eps)
+    torch.testing.assert_close(fd, (g * d).flatten(1).sum(1), atol=2e-3, rtol=5e-2)
+    assert not any(p.requires_grad for p in random_backbone.parameters())
+    with pytest.raises(ValueError, match="NaN"):
+        vm.value(torch.full((1, 4, 8, 8), float("nan")), 0.5, ["a red circle"])
+    with pytest.raises(ValueError, match="2 prompts for a batch of 1"):
+        vm.value(torch.randn(1, 4, 8, 8), 0.5, prompts)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        vm.value(torch.randn(1, 4, 8, 8), -0.1, ["a red circle"])
+
+
+def test_stitchvm_rejects_a_layer_of_other_width(random_backbone, tiny_clip_reward):
+    from rlstitch.stitch.vm import StitchVM
+
+    with pytest.raises(ValueError, match="does not match backbone width"):
+        StitchVM(random_backbone, tiny_clip_reward, StitchLayer(32, 64, (8, 8), (8, 8)), i=1, j=0)
