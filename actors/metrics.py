@@ -57,3 +57,45 @@ def record(name: str, value: float, tags: dict[str, str]) -> None:
         obj.set(value, tags=tags)
     else:
         obj.observe(value, tags=tags)
+
+
+def promql(name: str) -> str:
+    """The panel query of a documented metric (Ray exports it with the "ray_" prefix)."""
+    kind = METRICS[name][0]
+    sel = '{run=~"$run", recipe=~"$recipe"}'
+    if kind == "counter":
+        return f"sum by (role) (rate(ray_{name}{sel}[1m]))"
+    if kind == "gauge":
+        return f"avg by (role) (ray_{name}{sel})"
+    return f"histogram_quantile(0.5, sum by (le, role) (rate(ray_{name}_bucket{sel}[1m])))"
+
+
+def grafana_dashboard() -> dict:
+    """A Grafana dashboard with one time-series panel per documented metric (cluster/grafana/rlstitch.json)."""
+    panels = []
+    for k, (name, (kind, desc)) in enumerate(METRICS.items()):
+        unit = "s" if name.endswith("_s") else ("bytes" if "bytes" in name else "short")
+        title = desc + (" (per second)" if kind == "counter" else " (median)" if kind == "histogram" else "")
+        panels.append({
+            "id": k + 1, "type": "timeseries", "title": title, "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "gridPos": {"h": 8, "w": 12, "x": 12 * (k % 2), "y": 8 * (k // 2)},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "targets": [{"expr": promql(name), "legendFormat": "{{role}}", "refId": "A"}],
+        })
+    variables = [{"name": "datasource", "type": "datasource", "query": "prometheus"}] + [
+        {"name": v, "type": "query", "datasource": {"type": "prometheus", "uid": "${datasource}"},
+         "query": f"label_values(ray_rlstitch_rollouts_total, {v})", "includeAll": True, "multi": True,
+         "current": {"text": "All", "value": "$__all"}}
+        for v in ("run", "recipe")
+    ]
+    return {"title": "rlstitch", "uid": "rlstitch", "schemaVersion": 39, "version": 1, "refresh": "10s",
+            "time": {"from": "now-1h", "to": "now"}, "templating": {"list": variables}, "panels": panels}
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    # `python -m actors.metrics > cluster/grafana/rlstitch.json` regenerates the committed dashboard.
+    json.dump(grafana_dashboard(), sys.stdout, indent=1)
+    sys.stdout.write("\n")

@@ -221,7 +221,8 @@ def train_generator(kind: str, cfg: BuildConfig, cache: Cache, latents: torch.Te
                 ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
     model.load_state_dict(ema)
-    model.eval().save_pretrained(out / kind, safe_serialization=True)
+    # Stored in float16 (loaded back as float32) to keep the committed tiny world under 40 MB.
+    model.eval().to(torch.float16).save_pretrained(out / kind, safe_serialization=True)
     return {"steps": total}
 
 

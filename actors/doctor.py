@@ -1,0 +1,135 @@
+"""Check a Ray cluster for what a recipe needs, before a long job fails halfway.
+
+    python -m actors.doctor recipes/configs/nft_flux/tiny.yaml [--address auto] [--path /mnt/weights/...]
+
+Reports: nodes and their resources; every role of the recipe's `placement` section (workers x CPUs / GPUs /
+custom resources) against what the cluster offers; weights paths seen from every node; versions of
+torch / ray / deepspeed / diffusers on every node. Exits 1 when anything is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import ray
+import yaml
+
+from actors.runtime import init_ray
+
+
+def placement_roles(config: dict) -> dict[str, dict]:
+    """role -> {num_workers, num_cpus, num_gpus, custom_resources} from a recipe config's `placement`."""
+    roles = {}
+    for role, spec in (config.get("placement") or {}).items():
+        if isinstance(spec, dict):
+            roles[role] = {"num_workers": spec.get("num_workers", 1), "num_cpus": spec.get("num_cpus", 1),
+                           "num_gpus": spec.get("num_gpus", 0), "custom_resources": spec.get("custom_resources") or {}}
+    return roles
+
+
+def weight_paths(config: dict) -> list[str]:
+    """Every config value under a key ending in `path` or `_dir` that names a local path."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if isinstance(v, str) and v and (k.endswith("path") or k.endswith("_dir")) and v.startswith("/"):
+                    found.append(v)
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(config)
+    return found
+
+
+def role_problems(roles: dict[str, dict], total: dict[str, float]) -> list[str]:
+    """What the cluster lacks for each role (missing custom resources, too few CPUs / GPUs)."""
+    problems = []
+    need: dict[str, float] = {}
+    for role, s in roles.items():
+        for name in s["custom_resources"]:
+            if name not in total:
+                problems.append(f"role {role!r}: the cluster offers no custom resource {name!r}; add a node type with "
+                                f"resources {{{name!r}: 1}} (cluster/*.yaml) or drop placement.{role}.custom_resources")
+        need["CPU"] = need.get("CPU", 0) + s["num_workers"] * s["num_cpus"]
+        need["GPU"] = need.get("GPU", 0) + s["num_workers"] * s["num_gpus"]
+    for res, amount in need.items():
+        if amount > total.get(res, 0):
+            problems.append(f"the recipe's roles need {amount:g} {res} in all, the cluster has {total.get(res, 0):g} "
+                            f"(lower num_workers / num_{res.lower()}s or add nodes; autoscaling clusters may grow)")
+    return problems
+
+
+@ray.remote(num_cpus=0)
+def node_report(paths: list[str]) -> dict:
+    """Versions and weight paths as seen from one node."""
+    import importlib.metadata as md
+    import os
+    import socket
+
+    versions = {}
+    for pkg in ("torch", "ray", "deepspeed", "diffusers", "open_clip_torch", "rlstitch"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return {"host": socket.gethostname(), "versions": versions, "paths": {p: os.path.exists(p) for p in paths}}
+
+
+def per_node(paths: list[str]) -> list[dict]:
+    """node_report on every alive node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    refs = [node_report.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths)
+            for n in nodes]
+    return ray.get(refs, timeout=120)
+
+
+def diagnose(config: dict) -> tuple[list[str], list[str]]:
+    """(report lines, problems) for a connected cluster and a recipe config."""
+    total = ray.cluster_resources()
+    lines = [f"cluster resources: {dict(sorted(total.items()))}"]
+    roles = placement_roles(config)
+    for role, s in roles.items():
+        lines.append(f"role {role}: {s['num_workers']} x (CPU {s['num_cpus']}, GPU {s['num_gpus']}, "
+                     f"custom {s['custom_resources']})")
+    problems = role_problems(roles, total)
+    paths = weight_paths(config)
+    reports = per_node(paths)
+    for r in reports:
+        lines.append(f"node {r['host']}: {r['versions']}")
+        problems += [f"node {r['host']}: weights path {p} not found" for p, ok in r["paths"].items() if not ok]
+        problems += [f"node {r['host']}: {pkg} is not installed" for pkg, v in r["versions"].items()
+                     if v is None and pkg in ("torch", "ray")]
+    for pkg in ("torch", "ray", "deepspeed", "diffusers"):
+        seen = {r["versions"][pkg] for r in reports}
+        if len(seen) > 1:
+            problems.append(f"{pkg} versions differ between nodes: {sorted(map(str, seen))}")
+    return lines, problems
+
+
+def main(argv=None) -> int:
+    """CLI: prints the report and the problems; exit status 1 when there are problems."""
+    p = argparse.ArgumentParser(description="Check a Ray cluster against a recipe config")
+    p.add_argument("config", help="a recipe YAML (its `placement` section is checked)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local instance)")
+    a = p.parse_args(argv)
+    config = yaml.safe_load(Path(a.config).read_text()) or {}
+    if a.address:
+        ray.init(address=a.address, log_to_driver=False)
+    else:
+        init_ray()
+    lines, problems = diagnose(config)
+    print("\n".join(lines))
+    print("\n".join(f"MISSING: {x}" for x in problems) if problems else "OK: the cluster has what the recipe needs")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
