@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import save_file
 
 
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix: str = ".tmp") -> None:
+    """write(tmp) into path's folder, then rename over path, so readers never see a half-written file."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def atomic_save(state: dict, file: str | Path, metadata: dict | None = None) -> None:
-    """safetensors save_file to a temp name, then rename, so a crash never leaves half a file."""
-    file = Path(file)
-    tmp = file.with_name(file.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata=metadata)
-    tmp.replace(file)
+    """safetensors save_file, atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def atomic_write_text(file: str | Path, text: str) -> None:
-    """Write text to a temp name, then rename."""
-    file = Path(file)
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(file)
+    """Write a text file, atomically."""
+    atomic_write(file, lambda tmp: Path(tmp).write_text(text))
 
 
 def sha256(file: str | Path) -> str:

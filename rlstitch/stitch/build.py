@@ -43,6 +43,7 @@ class StitchBuildConfig:
     probe_images: int = 4096  # images whose paired features feed the closed-form fit
     batch: int = 64  # probe batch size
     j_max: int = 4  # reward cut j restricted to early blocks (paper: j <= 4 of 24)
+    i_tolerance: float = 0.0  # >0: shallowest DiT cut within (1 + tol) x the best residual (cheaper V)
     ridge: float = 1e-4  # ridge lambda, scaled by tr(Cxx)/d
     seed: int = 0
     threads: int = 0  # torch threads (0: leave as is)
@@ -68,22 +69,55 @@ def load_models(cfg: StitchBuildConfig):
     return backbone, reward, codec
 
 
+def probe_seed(cfg: StitchBuildConfig) -> int:
+    """Seed of the probe images and their noise (kept apart from the finetune images' seed)."""
+    return cfg.seed + 1
+
+
+def solve_and_select(stats, cfg: StitchBuildConfig, tag: str):
+    """Every closed-form fit from (merged) statistics and the selected (i*, j*)."""
+    fits = solve_all(stats, cfg.ridge)
+    best = select(fits, cfg.j_max, cfg.i_tolerance)
+    print(f"[{tag}] chosen (i*, j*) = ({best.i}, {best.j}), relative residual {best.rel_residual:.4f}")
+    return fits, best
+
+
+def stitch_layer(backbone, reward, latent_hw, best, cls_mean) -> StitchLayer:
+    """The stitching layer initialised from the selected fit and the mean reward [CLS] entering j*."""
+    layer = StitchLayer(backbone.hidden_dim, reward.width, backbone.grid(latent_hw), reward.grid)
+    layer.init_from_fit(best.W.float(), best.bias.float(), cls_mean.float())
+    return layer
+
+
 def fit_stitch(backbone, reward, codec, cfg: StitchBuildConfig, latent_hw, tag: str):
     """Statistics over the probe set, every fit, the selected one and its layer."""
-    batches = image_batches(cfg.data, cfg.probe_images, cfg.batch, cfg.seed + 1)
+    batches = image_batches(cfg.data, cfg.probe_images, cfg.batch, probe_seed(cfg))
     total = -(-cfg.probe_images // cfg.batch)
     stats = collect_stats(backbone, reward, codec, batches, cfg.j_max, latent_hw, total=total)
-    fits = solve_all(stats, cfg.ridge)
-    best = select(fits, cfg.j_max)
-    layer = StitchLayer(backbone.hidden_dim, reward.width, backbone.grid(latent_hw), reward.grid)
-    layer.init_from_fit(best.W.float(), best.bias.float(), (stats.sum_cls[best.j] / stats.n).float())
-    print(f"[{tag}] chosen (i*, j*) = ({best.i}, {best.j}), relative residual {best.rel_residual:.4f}")
+    fits, best = solve_and_select(stats, cfg, tag)
+    layer = stitch_layer(backbone, reward, latent_hw, best, stats.sum_cls[best.j] / stats.n)
     return stats, fits, best, layer
 
 
 def residual_record(fits) -> dict:
     """Residuals as {"i,j": value} for the manifest."""
     return {f"{i},{j}": round(f.rel_residual, 6) for (i, j), f in sorted(fits.items())}
+
+
+def write_fit_report(out: Path, stats, fits, best) -> None:
+    """The statistics, the residual table (printed and saved) and the residual heat map."""
+    stats.save(out / "stats.safetensors")
+    table = residual_table(fits, best)
+    print(table)
+    atomic_write_text(out / "residuals.txt", table + "\n")
+    plot_residuals(fits, out / "residuals.png", best)
+
+
+def manifest_fields(cfg: StitchBuildConfig, fits, best, seconds: float) -> dict:
+    """The fit, config and data fields shared by the closed-form and the finetuned artifact."""
+    return dict(fit={"residuals": residual_record(fits), "chosen_residual": best.rel_residual,
+                     "probe_images": cfg.probe_images, "seconds": round(seconds, 1)},
+                config=to_dict(cfg), data=cfg.data)
 
 
 def build(cfg: StitchBuildConfig) -> Path:
@@ -98,15 +132,9 @@ def build(cfg: StitchBuildConfig) -> Path:
 
     t0 = time.time()
     stats, fits, best, layer = fit_stitch(backbone, reward, codec, cfg, latent_hw, "stitchvm")
-    stats.save(out / "stats.safetensors")
-    table = residual_table(fits, best)
-    print(table)
-    atomic_write_text(out / "residuals.txt", table + "\n")
-    plot_residuals(fits, out / "residuals.png", best)
+    write_fit_report(out, stats, fits, best)
     vm = StitchVM(backbone, reward, layer, best.i, best.j)
-    common = dict(fit={"residuals": residual_record(fits), "chosen_residual": best.rel_residual,
-                       "probe_images": cfg.probe_images, "seconds": round(time.time() - t0, 1)},
-                  config=to_dict(cfg), data=cfg.data)
+    common = manifest_fields(cfg, fits, best, time.time() - t0)
     artifact.save(vm, out / "closed_form", finetuned=False, **common)
 
     train = teacher_targets(reward, codec, load_images(cfg.data, cfg.finetune.train_images, "train", cfg.seed)[0])

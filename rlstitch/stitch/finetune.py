@@ -105,13 +105,30 @@ def make_optimizer(student, cfg: FinetuneConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def set_lr(opt: torch.optim.Optimizer, step: int, cfg: FinetuneConfig) -> None:
+    """Each group's base_lr times the warm-up / cosine factor of this step."""
+    for group in opt.param_groups:
+        group["lr"] = group["base_lr"] * lr_factor(step, cfg.steps, cfg.warmup)
+
+
+def batch_loss(student, reward, train: Targets, cfg: FinetuneConfig, g: torch.Generator,
+               batch: int) -> Tensor:
+    """Distillation loss of one random batch (indices, times and noise all drawn from g)."""
+    idx = torch.randint(0, len(train.z0), (batch,), generator=g)
+    t = sample_t(batch, g)
+    z0 = train.z0[idx]
+    zt = forward_noise(z0, t.to(z0.device), torch.randn(z0.shape, generator=g).to(z0.device))
+    emb, tok = student.embed(zt, t.to(z0.device), return_tokens=True)
+    return distill_loss(reward, emb, tok, train, idx, cfg.lambda_tok)
+
+
 @torch.no_grad()
 def validation_loss(student, reward, val: Targets, cfg: FinetuneConfig) -> float:
     """Distillation loss on held-out images at fixed times 0.1..0.9 and fixed noise."""
     g = torch.Generator().manual_seed(12345)
     n = len(val.z0)
-    t = torch.linspace(0.1, 0.9, n)
-    zt = forward_noise(val.z0, t, torch.randn(val.z0.shape, generator=g))
+    t = torch.linspace(0.1, 0.9, n, device=val.z0.device)
+    zt = forward_noise(val.z0, t, torch.randn(val.z0.shape, generator=g).to(val.z0.device))
     emb, tok = student.embed(zt, t, return_tokens=True)
     return float(distill_loss(reward, emb, tok, val, torch.arange(n), cfg.lambda_tok))
 
@@ -130,13 +147,8 @@ def finetune(student, reward, train: Targets, val: Targets, cfg: FinetuneConfig,
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps)
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor(step, cfg.steps, cfg.warmup)
-        idx = torch.randint(0, len(train.z0), (cfg.batch,), generator=g)
-        t = sample_t(cfg.batch, g)
-        zt = forward_noise(train.z0[idx], t, torch.randn(train.z0[idx].shape, generator=g))
-        emb, tok = student.embed(zt, t, return_tokens=True)
-        loss = distill_loss(reward, emb, tok, train, idx, cfg.lambda_tok)
+        set_lr(opt, step, cfg)
+        loss = batch_loss(student, reward, train, cfg, g, cfg.batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

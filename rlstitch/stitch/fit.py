@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlstitch.stitch.stats import StitchStats, atomic_write
+from rlstitch.io import atomic_write
+from rlstitch.stitch.stats import StitchStats
 
 _F64 = torch.float64
 
@@ -78,12 +79,20 @@ def _rank(fit: LinearFit) -> tuple[float, int, int]:
     return (math.inf if math.isnan(r) else r, fit.i, fit.j)
 
 
-def select(fits: dict[tuple[int, int], LinearFit], j_max: int) -> LinearFit:
-    """The pair with the lowest relative residual among j <= j_max (SPEC: early reward cuts only)."""
+def select(fits: dict[tuple[int, int], LinearFit], j_max: int, i_tolerance: float = 0.0) -> LinearFit:
+    """The pair with the lowest relative residual among j <= j_max (SPEC: early reward cuts only).
+
+    With i_tolerance > 0, the shallowest DiT cut whose residual is within (1 + i_tolerance) of the best is
+    taken instead: the residual flattens with depth while the value model's cost grows with every block.
+    """
     allowed = [f for (_, j), f in fits.items() if j <= j_max]
     if not allowed:
         raise ValueError(f"no candidate pair with j <= {j_max} (have j in {sorted({j for _, j in fits})})")
-    return min(allowed, key=_rank)
+    best = min(allowed, key=_rank)
+    if i_tolerance <= 0:
+        return best
+    near = [f for f in allowed if f.rel_residual <= best.rel_residual * (1 + i_tolerance)]
+    return min(near, key=lambda f: (f.i, *_rank(f)))
 
 
 def _grid(fits: dict[tuple[int, int], LinearFit]) -> tuple[list[int], list[int]]:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from rlstitch.io import atomic_write
 
 FORMAT = "rlstitch.stitch_stats"
 VERSION = 1
@@ -35,19 +36,6 @@ def _check_feats(feats: Mapping[int, Tensor], blocks: list[int], dim: int, P: in
             raise ValueError(f"{side} block {b}: non-finite values in features of shape {tuple(t.shape)}")
         batch = t.shape[0]
     return int(batch)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix: str = ".tmp") -> None:
-    """write(tmp) into path's folder, then rename over path, so readers never see a half-written file."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class StitchStats:

@@ -35,15 +35,21 @@ class BuildConfig:
     scale: float = 1.0
     seed: int = 0
     train_images: int = 24000  # cached training set (images are procedural, so this is only a cache size)
-    vae_steps: int = 2500
+    vae_steps: int = 1200
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    clip_steps: int = 900
+    decoder_steps: int = 600  # decoder-only refinement with the encoder frozen (latents unchanged)
+    decoder_lr: float = 3e-4
+    clip_steps: int = 700
     clip_batch: int = 96
     clip_lr: float = 1e-3
     recon_mix: float = 0.5  # share of VAE reconstructions in CLIP training, so it scores decoded images fairly
+    clip_image_steps: int = 1200  # image-tower refinement against the frozen text tower
+    clip_image_batch: int = 128
+    clip_image_lr: float = 5e-4
+    aesthetic_aux: float = 1.0  # weight of the auxiliary aesthetic regression on the image embedding
     aesthetic_steps: int = 1500
-    gen_steps: int = 1800
+    gen_steps: int = 1200
     gen_batch: int = 48
     gen_lr: float = 1e-3
     cfg_dropout: float = 0.1
@@ -114,6 +120,31 @@ def train_vae(cfg: BuildConfig, cache: Cache, out: Path) -> dict:
     return {"steps": total, "shift_factor": float(z.mean()), "scaling_factor": float(1.0 / z.std())}
 
 
+def refine_decoder(cfg: BuildConfig, cache: Cache, out: Path) -> dict:
+    """Train the decoder alone on the frozen encoder's latents: sharper images, the same latent space."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed + 5)
+    total = steps(cfg, cfg.decoder_steps)
+    for step in (bar := tqdm(range(total), desc="vae decoder")):
+        set_lr(opt, lr_at(step, total, cfg.decoder_lr, warmup=20))
+        x = cache.images[cache.draw(g, cfg.vae_batch)]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean  # what the codec feeds the generators
+        loss = F.mse_loss(vae.decode(z).sample, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().save_pretrained(out / "vae", safe_serialization=True)
+    return {"steps": total}
+
+
 def reconstruct(codec, images: torch.Tensor) -> torch.Tensor:
     """Decode(encode(x)) in chunks, no gradients."""
     with torch.no_grad():
@@ -148,6 +179,47 @@ def train_clip(cfg: BuildConfig, cache: Cache, recon: torch.Tensor, words: list[
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    save_tiny_clip(clip.eval(), ccfg, out / "clip")
+    return {"steps": total}
+
+
+def refine_clip_image(cfg: BuildConfig, cache: Cache, recon: torch.Tensor, out: Path) -> dict:
+    """Train the image tower further against the FROZEN text tower, with an auxiliary aesthetic target.
+
+    The text tower conditions the generators, so it stays fixed and they need no retraining. Captions never
+    mention background, symmetry or noise; the auxiliary regression of the aesthetic label from the
+    normalised embedding stands in for the style knowledge a web-scale CLIP carries.
+    """
+    reward = load_reward("tiny-clip", path=str(out / "clip"))
+    clip = reward.clip
+    clip.visual.requires_grad_(True)
+    clip.logit_scale.requires_grad_(True)
+    uniq = sorted(set(cache.captions))
+    with torch.no_grad():
+        txt_all = F.normalize(torch.cat([clip.encode_text(reward.tokenizer(uniq[k : k + 512]))
+                                         for k in range(0, len(uniq), 512)]), dim=-1)
+    row = {c: k for k, c in enumerate(uniq)}
+    label = (cache.aesthetic - cache.aesthetic.mean()) / cache.aesthetic.std()
+    aux = torch.nn.Linear(txt_all.shape[1], 1)
+    params = [*clip.visual.parameters(), clip.logit_scale, *aux.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.clip_image_lr, weight_decay=0.05)
+    g = torch.Generator().manual_seed(cfg.seed + 6)
+    total = steps(cfg, cfg.clip_image_steps)
+    reward.train()
+    for step in (bar := tqdm(range(total), desc="clip image tower")):
+        set_lr(opt, lr_at(step, total, cfg.clip_image_lr))
+        idx = torch.randint(0, len(recon), (cfg.clip_image_batch,), generator=g)
+        use_rec = torch.rand(len(idx), generator=g) < cfg.recon_mix
+        x = torch.where(use_rec[:, None, None, None], recon[idx], cache.images[idx])
+        rows = torch.tensor([row[cache.captions[i]] for i in idx.tolist()])
+        img = F.normalize(reward.embed_image(x), dim=-1)
+        logits = clip.logit_scale.exp().clamp(max=100) * img @ txt_all.T  # against every caption
+        loss = F.cross_entropy(logits, rows) + cfg.aesthetic_aux * F.mse_loss(aux(img).squeeze(-1), label[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    ccfg = json.loads((out / "clip" / "config.json").read_text())
     save_tiny_clip(clip.eval(), ccfg, out / "clip")
     return {"steps": total}
 
@@ -231,7 +303,7 @@ def build(cfg: BuildConfig, only: set[str] | None = None) -> dict:
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    want = only or {"vae", "clip", "aesthetic", "sd3", "flux"}
+    want = only or {"vae", "vae_decoder", "clip", "clip_image", "aesthetic", "sd3", "flux"}
     trained = {}
     n = max(256, steps(cfg, cfg.train_images))
     t0 = time.time()
@@ -243,14 +315,17 @@ def build(cfg: BuildConfig, only: set[str] | None = None) -> dict:
             s = time.time()
             info = {**fn(*args), "seconds": round(time.time() - s, 1), "config": asdict(cfg)}
             # One file per model, so stages may run in parallel processes without racing on a shared card.
+            (out / name).mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / name / "training.json", json.dumps(info, indent=2))
             trained[name] = info
 
     stage("vae", train_vae, cfg, cache, out)
+    stage("vae_decoder", refine_decoder, cfg, cache, out)
     codec = load_codec("tiny-vae", path=str(out / "vae"))
-    if {"clip", "sd3", "flux"} & want:
-        recon = reconstruct(codec, cache.images) if "clip" in want else None
+    if {"clip", "clip_image"} & want:
+        recon = reconstruct(codec, cache.images)
         stage("clip", train_clip, cfg, cache, recon, words, out)
+        stage("clip_image", refine_clip_image, cfg, cache, recon, out)
     stage("aesthetic", train_aesthetic, cfg, cache, out)
     if {"sd3", "flux"} & want:
         conds, _ = encode_captions(out, cache.captions)
@@ -267,7 +342,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(TINY_DIR))
     p.add_argument("--scale", type=float, default=1.0)
-    p.add_argument("--only", default="", help="comma-separated subset of vae,clip,aesthetic,sd3,flux")
+    p.add_argument("--only", default="", help="comma-separated subset of vae,vae_decoder,clip,clip_image,aesthetic,sd3,flux")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     a = p.parse_args(argv)
     cfg = BuildConfig(out=a.out, scale=a.scale, threads=a.threads)

@@ -154,9 +154,8 @@ def evaluate(grid: Path | None = None) -> dict:
 def write_card(res: dict, root: Path) -> None:
     """card.json and CARD.md beside the weights: sizes, FLOPs, training time, quality figures."""
     sizes, training = {}, {}
-    for name in ("vae", "clip", "aesthetic", "sd3", "flux"):
-        files = list((root / name).glob("*.safetensors"))
-        sizes[name] = sum(f.stat().st_size for f in files)
+    for name in ("vae", "vae_decoder", "clip", "clip_image", "aesthetic", "sd3", "flux"):
+        sizes[name] = sum(f.stat().st_size for f in (root / name).glob("*.safetensors"))
         tj = root / name / "training.json"
         if tj.exists():
             info = json.loads(tj.read_text())
@@ -173,7 +172,8 @@ def write_card(res: dict, root: Path) -> None:
         "| model | class | file MB | train steps | train s |", "|---|---|---|---|---|",
         *[f"| {n} | {c} | {sizes[n] / 1e6:.2f} | {training.get(n, {}).get('steps', '-')} | "
           f"{training.get(n, {}).get('seconds', '-')} |"
-          for n, c in [("vae", "AutoencoderKL"), ("clip", "open_clip CLIP (ViT 6x64, text 4x64)"),
+          for n, c in [("vae", "AutoencoderKL"), ("vae_decoder", "decoder-only refinement (same file)"), ("clip", "open_clip CLIP (ViT 6x64, text 4x64)"),
+                       ("clip_image", "image tower vs frozen text + aesthetic auxiliary (same file)"),
                        ("aesthetic", "LAION-style MLP"), ("sd3", "SD3Transformer2DModel (8 blocks)"),
                        ("flux", "FluxTransformer2DModel (4+4 blocks)")]], "",
         f"FLOPs per sample and call: SD3 generator {f['generator_sd3'] / 1e6:.1f} M, FLUX generator "

@@ -152,3 +152,16 @@ def test_ridge_matches_closed_form_on_centred_data():
     direct = ((fit.apply(xs[3]).numpy() - Y) ** 2).sum() / ((Yf - Yf.mean(0)) ** 2).sum()
     assert abs(fit.rel_residual - direct) / direct < 1e-8
     assert fit.rel_residual > solve(stats, 3, 2, ridge=0.0).rel_residual  # the ridge costs fit
+
+
+def test_select_with_depth_tolerance_prefers_the_shallowest_near_best_cut():
+    import torch
+
+    from rlstitch.stitch.fit import LinearFit, select
+
+    res = {(1, 0): 0.50, (2, 0): 0.37, (4, 0): 0.36, (8, 0): 0.355, (8, 1): 0.30}
+    fits = {k: LinearFit(torch.zeros(1, 1), torch.zeros(1, 1), r, *k) for k, r in res.items()}
+    assert (select(fits, 0).i, select(fits, 0).j) == (8, 0)  # SPEC: the lowest residual
+    assert (select(fits, 0, 0.05).i, select(fits, 0, 0.05).j) == (2, 0)  # 0.37 <= 0.355 * 1.05
+    assert select(fits, 0, 0.01).i == 8
+    assert (select(fits, 1, 0.05).i, select(fits, 1, 0.05).j) == (8, 1)  # nothing else within 5% of 0.30
