@@ -1,0 +1,184 @@
+"""Rollout workers: the generator (base + LoRA) sampling groups of prompts to their stop steps, on Ray.
+
+Weights arrive after every learner update: the first sync carries the full transformer (base + adapter) so
+every worker provably holds the learner's weights, later ones only the adapter. Each result reports the
+weight version it was sampled with, so the driver can check that no rollout used stale weights.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+
+import ray
+import torch
+from torch import Tensor
+
+from actors.group import ActorGroup, RoleSpec
+from actors.metrics import record
+from rlstitch.sampling.flow import FlowSampler
+from rlstitch.sampling.generate import initial_noise
+from rlstitch.train.config import RecipeConfig, from_dict, pick_dtype
+from rlstitch.train.lora import state_bytes
+from rlstitch.train.policy import Policy, sample_to_stops, stop_times
+
+EVAL = "evaluation"  # the adapter slot evaluations sample with (current or EMA weights); "eval" is taken by nn.Module
+
+
+class RolloutWorker:
+    """One rollout process: policy weights in slots "default" (sampling) and "eval", plus the codec for grids."""
+
+    def __init__(self, cfg: Mapping | RecipeConfig, rank: int = 0, world_size: int = 1, tiny_dir: str | None = None,
+                 tags: Mapping[str, str] | None = None):
+        from rlstitch.models.registry import load_backbone, load_codec
+
+        if tiny_dir:
+            os.environ["RLSTITCH_TINY_DIR"] = tiny_dir
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        self.cfg, self.rank, self.world_size = from_dict(cfg), rank, world_size
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda" if cuda else "cpu")
+        m = self.cfg.model
+        backbone = load_backbone(m.backbone, m.path, dtype=pick_dtype(m.dtype, cuda), device=self.device)
+        lo = self.cfg.lora
+        self.policy = Policy(backbone, lo.enabled, lo.rank, lo.alpha, lo.targets, slots=(EVAL,), seed=self.cfg.train.seed)
+        self.policy.requires_grad_(False)
+        self.codec = load_codec(m.codec, m.codec_path, device=self.device)
+        s = self.cfg.sampler
+        self.sampler = FlowSampler(s.steps, s.shift, s.sde, s.noise_level)
+        self.versions = {"default": -1, EVAL: -1}
+        self.tags = {"role": "rollout", "recipe": self.cfg.recipe, "run": "", **dict(tags or {})}
+
+    # -- weights ---------------------------------------------------------------------------------
+    def set_weights(self, payload: Mapping) -> dict:
+        """Load {"version", "slot", "adapter", "base" (first sync only)}; returns what was loaded."""
+        slot = payload.get("slot", "default")
+        if payload.get("base") is not None:
+            self.policy.load_base_state(payload["base"])
+        elif self.versions["default"] < 0 and self.versions[EVAL] < 0:
+            raise RuntimeError("the first weight sync must be a full one (base + adapter)")
+        self.policy.load_state(payload["adapter"], slot)
+        self.versions[slot] = int(payload["version"])
+        return {"rank": self.rank, "slot": slot, "version": self.versions[slot]}
+
+    # -- sampling --------------------------------------------------------------------------------
+    def _velocity(self, prompts: Sequence[str], slot: str):
+        """velocity(z, t, rows) for a batch of prompts under a slot's weights."""
+        cond = self.policy.backbone.encode_prompts(list(prompts)).to(self.device)
+
+        def velocity(z: Tensor, t: float, rows: Tensor) -> Tensor:
+            c = type(cond)(cond.tokens[rows.to(self.device)], cond.pooled[rows.to(self.device)])
+            return self.policy.velocity(z.to(self.device), t, c, slot)
+
+        return velocity
+
+    def _noise(self, seeds: Sequence[int]) -> tuple[Tensor, list | None]:
+        """z_1 and the SDE generators, both from per-sample seeds (batch-split invariant)."""
+        hw = (self.cfg.model.latent_size, self.cfg.model.latent_size)
+        z = initial_noise(self.policy.backbone, len(seeds), hw, seeds).to(self.device)
+        gens = [torch.Generator().manual_seed(int(s) + 7919) for s in seeds] if self.sampler.sde else None
+        return z, gens
+
+    @torch.no_grad()
+    def sample(self, job: Mapping) -> dict:
+        """Roll out {"prompts", "seeds", "stops"} with the sampling weights; returns latents at the stops.
+
+        With "draft_k", latents are returned K steps before each stop (the learner runs the last K with grad).
+        """
+        if self.versions["default"] < 0:
+            raise RuntimeError(f"rollout worker {self.rank} has no weights yet: sync before sampling")
+        prompts, seeds, stops = list(job["prompts"]), list(job["seeds"]), list(job["stops"])
+        k = int(job.get("draft_k") or 0)
+        run_to = [max(s - k, 0) for s in stops]
+        z, gens = self._noise(seeds)
+        z = sample_to_stops(self._velocity(prompts, "default"), z, self.sampler, run_to, gens)
+        done = sum(run_to)
+        self._record(len(prompts), done, self.sampler.steps * len(prompts) - sum(stops))
+        return {"z": z.float().cpu(), "tau": stop_times(self.sampler, stops), "stops": torch.tensor(stops),
+                "version": self.versions["default"], "rank": self.rank, "denoise_steps": done}
+
+    @torch.no_grad()
+    def generate(self, job: Mapping) -> dict:
+        """Fully denoised samples of {"prompts", "seeds"} with the eval weights; images for the first "grid"."""
+        if self.versions[EVAL] < 0:
+            raise RuntimeError(f"rollout worker {self.rank} has no eval weights: sync slot 'eval' first")
+        prompts, seeds = list(job["prompts"]), list(job["seeds"])
+        z, gens = self._noise(seeds)
+        z = sample_to_stops(self._velocity(prompts, EVAL), z, self.sampler, [self.sampler.steps] * len(z), gens)
+        n = int(job.get("grid", 0))
+        images = self.codec.decode(z[:n]).clamp(-1, 1).float().cpu() if n else None
+        return {"z": z.float().cpu(), "images": images, "version": self.versions[EVAL]}
+
+    def _record(self, rollouts: int, steps: int, saved: int) -> None:
+        """Dashboard counters (only inside Ray)."""
+        if ray.is_initialized():
+            record("rlstitch_rollouts_total", rollouts, self.tags)
+            record("rlstitch_denoise_steps_total", steps, self.tags)
+            record("rlstitch_denoise_steps_saved_total", max(saved, 0), self.tags)
+
+
+class RolloutGroup:
+    """The rollout workers (one ActorGroup): weight syncs, sampling split by prompt groups, evaluation samples."""
+
+    def __init__(self, cfg: RecipeConfig, role: RoleSpec, tags: Mapping[str, str], tiny_dir: str | None = None):
+        from rlstitch.config import to_dict
+
+        self.cfg, self.tags = cfg, dict(tags)
+        self.group = ActorGroup(RolloutWorker, role, to_dict(cfg), tiny_dir=tiny_dir, tags=self.tags, role="rollout")
+        self.full_synced = False
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def sync(self, adapter: dict, version: int, base: dict | None = None, slot: str = "default") -> dict:
+        """Send weights to every worker (one object-store copy); the first sync must carry the base weights."""
+        if not self.full_synced and base is None:
+            raise RuntimeError("the first sync is a full one: pass the learner's base weights")
+        start = time.perf_counter()
+        payload = {"version": version, "slot": slot, "adapter": adapter, "base": None if self.full_synced else base}
+        ref = ray.put(payload)
+        self.group.call("set_weights", ref, timeout=self.cfg.train.timeout_s)
+        self.full_synced = True
+        sent = state_bytes(adapter) + (state_bytes(base) if payload["base"] is not None else 0)
+        seconds = time.perf_counter() - start
+        record("rlstitch_weight_sync_s", seconds, self.tags | {"role": "rollout"})
+        record("rlstitch_weight_sync_bytes_total", sent * len(self), self.tags | {"role": "rollout"})
+        return {"seconds": seconds, "bytes": sent * len(self), "full": payload["base"] is not None}
+
+    def _split(self, items: Sequence) -> list[list]:
+        """Contiguous, equal chunks per worker (whole prompt groups stay on one worker)."""
+        n = len(self.group)
+        size = len(items) // n
+        return [list(items[k * size : (k + 1) * size]) for k in range(n)]
+
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], stops: Sequence[int], version: int,
+               draft_k: int = 0) -> dict:
+        """Rollouts of the whole batch across the workers; fails if any worker sampled with other weights."""
+        jobs = [{"prompts": p, "seeds": s, "stops": t, "draft_k": draft_k}
+                for p, s, t in zip(self._split(prompts), self._split(seeds), self._split(stops))]
+        refs = [w.sample.remote(j) for w, j in zip(self.group.workers, jobs)]
+        parts = ray.get(refs, timeout=self.cfg.train.timeout_s)
+        stale = [p["version"] for p in parts if p["version"] != version]
+        if stale:
+            raise RuntimeError(f"rollouts sampled with weight versions {stale}, expected {version}")
+        return {"z": torch.cat([p["z"] for p in parts]), "tau": torch.cat([p["tau"] for p in parts]),
+                "stops": torch.cat([p["stops"] for p in parts]), "version": version,
+                "denoise_steps": sum(p["denoise_steps"] for p in parts)}
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], grid: int = 0) -> dict:
+        """Fully denoised evaluation samples (eval weights) across the workers, images of the first `grid`."""
+        n = len(self.group)
+        chunks = [list(range(len(prompts)))[k::n] for k in range(n)]
+        refs = [w.generate.remote({"prompts": [prompts[i] for i in c], "seeds": [seeds[i] for i in c],
+                                   "grid": grid if k == 0 else 0})
+                for k, (w, c) in enumerate(zip(self.group.workers, chunks))]
+        parts = ray.get(refs, timeout=self.cfg.train.timeout_s)
+        z = torch.empty(len(prompts), *parts[0]["z"].shape[1:])
+        for c, p in zip(chunks, parts):
+            z[c] = p["z"]
+        return {"z": z, "images": parts[0]["images"], "prompts": [prompts[i] for i in chunks[0][:grid]]}
+
+    def shutdown(self) -> None:
+        """Kill the workers."""
+        self.group.shutdown()

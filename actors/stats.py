@@ -1,0 +1,265 @@
+"""Stitch statistics workers (SPEC §4, stitch build): a data-parallel pass over Parquet probe shards.
+
+Each StatsWorker loads the frozen backbone, reward prefix and codec once and turns a probe shard (a row range
+of the Parquet files, aligned to probe batches) into that shard's StitchStats. The driver
+(`collect_distributed`) hands shards to idle workers, retries a failed shard on a restarted or another worker,
+keeps exactly one result per shard and merges them in shard order, so the merged statistics never count a
+shard twice and do not depend on which worker ran what or in which order results arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import ray
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from actors.metrics import record
+from rlstitch.stitch.collect import collect_stats
+from rlstitch.stitch.probe import parquet_shards
+from rlstitch.stitch.stats import StitchStats
+from rlstitch.tinyworld import data as tw
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProbeShard:
+    """Probe rows [start, stop) of the Parquet folder, processed in batches whose noise comes from `seed`."""
+
+    index: int
+    start: int
+    stop: int
+    batch: int
+    seed: int
+
+    @property
+    def images(self) -> int:
+        """Probe images in the shard."""
+        return self.stop - self.start
+
+
+def batch_seed(seed: int, offset: int) -> int:
+    """Noise seed of the probe batch starting at row `offset` (the formula of probe.image_batches), so a batch
+    gets the same t and eps whichever worker runs it: the fit then equals the single-process one."""
+    return seed * 1_000_003 + offset
+
+
+def plan_shards(n: int, batch: int, count: int, seed: int) -> list[ProbeShard]:
+    """Split n probe rows into `count` contiguous shards whose boundaries fall on batch boundaries."""
+    batches = -(-n // batch)
+    if count > batches:
+        raise ValueError(f"{n} probe images in batches of {batch} make {batches} batches, fewer than the "
+                         f"{count} shards asked for: lower stats.workers or stats.shards_per_worker, or "
+                         "raise probe_images or lower batch")
+    cuts = [k * batches // count for k in range(count + 1)]  # near-equal batch counts per shard
+    return [ProbeShard(k, cuts[k] * batch, min(cuts[k + 1] * batch, n), batch, seed) for k in range(count)]
+
+
+def row_counts(files: list[Path]) -> list[int]:
+    """Rows per Parquet file, from the footers only (no data read)."""
+    return [pq.ParquetFile(f).metadata.num_rows for f in files]
+
+
+def read_rows(folder: str | Path, split: str, start: int, stop: int) -> tuple[Tensor, list[str]]:
+    """Images in [-1, 1] and prompts of rows [start, stop) of a split, across its sorted Parquet files
+    (the row order of rlstitch.stitch.probe.load_images); only the files that overlap the range are read."""
+    files = parquet_shards(folder, split)
+    images, captions, offset = [], [], 0
+    for f, rows in zip(files, row_counts(files)):
+        lo, hi = max(start, offset), min(stop, offset + rows)
+        if lo < hi:
+            b = tw.read_parquet_shard(f)
+            images.append(tw.to_tensor(b["images"][lo - offset : hi - offset]))
+            captions += b["captions"][lo - offset : hi - offset]
+        offset += rows
+        if offset >= stop:
+            break
+    if len(captions) != stop - start:
+        raise ValueError(f"{folder}: {split} rows [{start}, {stop}) requested, only {offset} rows in "
+                         f"{len(files)} files: lower probe_images / finetune.train_images or add shards")
+    return torch.cat(images), captions
+
+
+def shard_batches(shard: ProbeShard, images: Tensor) -> Iterator[tuple[int, Tensor]]:
+    """(noise seed, images) of each probe batch of a shard, as image_batches yields them."""
+    for k in range(shard.start, shard.stop, shard.batch):
+        yield batch_seed(shard.seed, k), images[k - shard.start : k - shard.start + shard.batch]
+
+
+class StatsWorker:
+    """Holds the frozen models of one stitch build and returns per-shard statistics."""
+
+    def __init__(self, models: dict, data: str, j_max: int, env: dict | None = None, threads: int = 1,
+                 fail_once: str = "", *, rank: int, world_size: int):
+        os.environ.update(env or {})  # e.g. RLSTITCH_TINY_DIR / HF_HOME of the driver, before any model loads
+        if threads:
+            torch.set_num_threads(threads)  # several workers share a node's cores
+        from rlstitch.stitch.build import StitchBuildConfig, load_models
+
+        t0 = time.time()
+        self.backbone, self.reward, self.codec = load_models(StitchBuildConfig(**models))
+        # A worker placed with num_gpus sees its GPU(s) only (Ray sets CUDA_VISIBLE_DEVICES).
+        self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+        for m in (self.backbone, self.reward, self.codec):
+            m.to(self.device)
+        self.load_s = time.time() - t0
+        self.data, self.j_max, self.fail_once = data, j_max, fail_once
+        self.rank, self.world_size = rank, world_size
+        self.latent_hw: tuple[int, int] | None = None
+
+    def ready(self) -> dict:
+        """Identity and model-load time (the driver waits on this before timing shards)."""
+        return {"rank": self.rank, "pid": os.getpid(), "device": str(self.device),
+                "load_s": round(self.load_s, 2)}
+
+    def _maybe_fail(self) -> None:
+        """Failure injection for tests: rank 0 dies on its first shard once (the marker file records it)."""
+        if self.fail_once and self.rank == 0 and not os.path.exists(self.fail_once):
+            Path(self.fail_once).write_text(f"killed pid {os.getpid()}\n")
+            os._exit(1)  # a hard crash, as from an OOM kill: no exception reaches the driver
+
+    @torch.no_grad()
+    def stats(self, shard: ProbeShard) -> StitchStats:
+        """The StitchStats of one shard."""
+        self._maybe_fail()
+        images = read_rows(self.data, "train", shard.start, shard.stop)[0].to(self.device)
+        if self.latent_hw is None:
+            self.latent_hw = tuple(self.codec.encode(images[:1]).shape[-2:])
+        return collect_stats(self.backbone, self.reward, self.codec, shard_batches(shard, images), self.j_max,
+                             self.latent_hw, progress=False)
+
+    def write_closed_form(self, out: str, best, cls_mean: Tensor, extra: dict) -> str:
+        """The closed-form StitchVM artifact of the selected fit (the worker holds the models it names)."""
+        from rlstitch.stitch import artifact
+        from rlstitch.stitch.build import stitch_layer
+        from rlstitch.stitch.vm import StitchVM
+
+        if self.latent_hw is None:
+            one = read_rows(self.data, "train", 0, 1)[0].to(self.device)
+            self.latent_hw = tuple(self.codec.encode(one).shape[-2:])
+        layer = stitch_layer(self.backbone, self.reward, self.latent_hw, best, cls_mean)
+        vm = StitchVM(self.backbone, self.reward, layer, best.i, best.j)
+        return str(artifact.save(vm, out, finetuned=False, **extra))
+
+
+@dataclass
+class CollectReport:
+    """What the distributed pass did: shards, retries, images and its wall time."""
+
+    shards: int
+    retried: int
+    images: int
+    tokens: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        """Probe images per second over the whole pass."""
+        return self.images / max(self.seconds, 1e-9)
+
+
+class _OrderedMerge:
+    """Merges per-shard results in shard order, as they arrive: every merge_group consecutive items of a level
+    are merged (StitchStats.merge_all) into one item of the next level, up to a single root. The result does
+    not depend on arrival order (same tree for any schedule), and only about (merge_group - 1) x levels
+    statistics are held at once instead of one per shard."""
+
+    def __init__(self, count: int, group: int):
+        if group < 2:
+            raise ValueError(f"merge_group must be >= 2, got {group}")
+        self.group = group
+        self.counts = [count]  # items per level: count, ceil(count / group), ..., 1
+        while self.counts[-1] > 1:
+            self.counts.append(-(-self.counts[-1] // group))
+        self.levels: list[dict[int, StitchStats]] = [{} for _ in self.counts]
+
+    def add(self, index: int, stats: StitchStats, level: int = 0) -> None:
+        """Keep one item; merge its group into the next level once the group is complete."""
+        items = self.levels[level]
+        items[index] = stats
+        if level == len(self.counts) - 1:
+            return  # the root
+        g = index // self.group
+        members = range(g * self.group, min((g + 1) * self.group, self.counts[level]))
+        if all(k in items for k in members):
+            self.add(g, StitchStats.merge_all([items.pop(k) for k in members]), level + 1)
+
+    def result(self) -> StitchStats:
+        """The merged statistics of every shard (after all were added)."""
+        root = self.levels[-1]
+        if list(root) != [0] or any(self.levels[:-1]):
+            raise RuntimeError("merge incomplete: not every shard's statistics were added")
+        return root[0]
+
+
+def collect_distributed(group, shards: list[ProbeShard], tags: dict[str, str], max_retries: int = 2,
+                        merge_group: int = 2, shard_timeout_s: float = 3600.0,
+                        progress: bool = True) -> tuple[StitchStats, CollectReport]:
+    """Run every shard on the group's StatsWorkers (one shard in flight per worker) and merge the results.
+
+    A shard whose worker crashed (after Ray's own actor restart and task retry) or raised is put back in the
+    queue, at most max_retries times; a dead worker gets no more shards. Each shard's result is kept once.
+    """
+    queue, idle = deque(shards), deque(range(len(group)))
+    inflight: dict = {}
+    attempts = {s.index: 0 for s in shards}
+    merger, kept = _OrderedMerge(len(shards), merge_group), set()
+    images = tokens = retried = 0
+    t0 = time.time()
+    bar = tqdm(total=len(shards), desc="stitch stats", unit="shard", disable=not progress)
+    while queue or inflight:
+        while queue and idle:
+            shard, w = queue.popleft(), idle.popleft()
+            inflight[group.workers[w].stats.remote(shard)] = (shard, w)
+        if not inflight:
+            raise RuntimeError(f"every stats worker died with {len(queue)} shards left; see the worker logs "
+                               "(`ray logs`) and lower batch or raise stats.num_cpus / memory")
+        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=shard_timeout_s)
+        if not ready:
+            raise TimeoutError(f"no stats shard finished within {shard_timeout_s:.0f} s "
+                               f"(in flight: {sorted(s.index for s, _ in inflight.values())}); "
+                               "raise stats.shard_timeout_s or check `ray status`")
+        shard, w = inflight.pop(ready[0])
+        try:
+            st = ray.get(ready[0])
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            if not isinstance(e, ray.exceptions.RayActorError):
+                idle.append(w)  # the worker lives on; only this shard failed
+            attempts[shard.index] += 1
+            if attempts[shard.index] > max_retries:
+                raise RuntimeError(f"probe shard {shard.index} (rows {shard.start}..{shard.stop}) failed "
+                                   f"{attempts[shard.index]} times; last error: {e}") from e
+            log.warning("probe shard %d failed on stats worker %d (%s); retrying", shard.index, w,
+                        type(e).__name__)
+            retried += 1
+            queue.appendleft(shard)
+            continue
+        idle.append(w)
+        if shard.index in kept:  # cannot happen with one attempt in flight per shard; never count twice
+            continue
+        if st.n != shard.images:
+            raise RuntimeError(f"probe shard {shard.index}: statistics of {st.n} images, "
+                               f"expected {shard.images}")
+        kept.add(shard.index)
+        merger.add(shard.index, st)
+        images, tokens = images + st.n, tokens + st.tokens
+        record("rlstitch_stats_shards_total", 1, tags)
+        record("rlstitch_stats_tokens_total", st.tokens, tags)
+        bar.update(1)
+        bar.set_postfix(tokens_per_s=f"{tokens / max(time.time() - t0, 1e-9):.0f}")
+    bar.close()
+    merged = merger.result()
+    expected = sum(s.images for s in shards)
+    if merged.n != expected:  # the accounting promise of the distributed pass
+        raise RuntimeError(f"merged statistics hold {merged.n} images, the probe set has {expected}")
+    return merged, CollectReport(len(shards), retried, images, tokens, time.time() - t0)

@@ -1,0 +1,424 @@
+"""Value actors: a value estimator (StitchVM, Tweedie or Monte Carlo) served on Ray with batched requests.
+
+A request is {"z": latents [B, C, H, W], "t": float or [B], "prompts": list of B strings or None}.
+`value(requests)` / `value_and_grad(requests)` take a LIST of requests, run them as one batched forward and
+return one result per request. A bad request (shape, dtype, NaN/Inf, t outside [0, 1], prompt count) raises
+a ValueError naming the request and the problem to that caller; the actor keeps serving.
+
+- ValueActor: the plain class (usable in-process; Ray wraps it through ActorGroup).
+- ValueActorPool: N actors in one placement group (GPU fractions allowed), round-robin or least-loaded.
+- ValueDeployment / serve_value: the same as a Ray Serve deployment with @serve.batch and autoscaling,
+  reachable by deployment handle; an optional HTTP route bound to 127.0.0.1 for debugging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import ray
+import torch
+from ray import serve
+from torch import Tensor
+
+from actors.group import ActorGroup, RoleSpec, bundle
+from actors.metrics import record
+from rlstitch.value.base import check_latent
+
+KINDS = ("stitchvm", "tweedie", "monte_carlo")
+REQUEST_KEYS = {"z", "t", "prompts"}
+
+
+@dataclass
+class ValueSpec:
+    """What a value actor hosts: estimator kind, model names (or local folders) and the stitch artifact."""
+
+    kind: str = "stitchvm"  # stitchvm | tweedie | monte_carlo
+    backbone: str = "tiny-sd3"  # registry name
+    backbone_path: str | None = None
+    reward: str = "tiny-clip"
+    reward_path: str | None = None
+    stitch: str | None = None  # artifact registry name or folder (default "<backbone>_<reward>")
+    codec: str | None = None  # default: the backbone's codec in the registry
+    codec_path: str | None = None
+    tiny_dir: str | None = None  # a rebuilt tiny world ($RLSTITCH_TINY_DIR inside the actor)
+    device: str = "auto"  # auto (cuda when the actor has a GPU) | cpu | cuda
+    mc_k: int = 4  # Monte Carlo rollouts per value
+    mc_steps: int = 20
+
+    def validate(self) -> None:
+        """Clear errors naming the knob."""
+        if self.kind not in KINDS:
+            raise ValueError(f"value.kind={self.kind!r} is not one of {KINDS}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"value.device={self.device!r} must be auto, cpu or cuda")
+
+    @property
+    def stitch_name(self) -> str:
+        """The artifact to load."""
+        return self.stitch or f"{self.backbone}_{self.reward}"
+
+
+def as_spec(spec: ValueSpec | Mapping | None) -> ValueSpec:
+    """A validated ValueSpec from a spec, a dict (as sent to Ray actors) or None (defaults)."""
+    spec = spec if isinstance(spec, ValueSpec) else ValueSpec(**dict(spec or {}))
+    spec.validate()
+    return spec
+
+
+def pick_device(spec: ValueSpec) -> torch.device:
+    """cuda when asked or (auto) when this process sees a GPU, else cpu."""
+    if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build_estimator(spec: ValueSpec, device: torch.device | str = "cpu"):
+    """The value estimator a spec names, frozen and in eval mode."""
+    from rlstitch.models.registry import BACKBONES, load_backbone, load_codec, load_reward, stitch_dir
+    from rlstitch.stitch import artifact
+    from rlstitch.value.estimators import MonteCarlo, Tweedie
+
+    if spec.tiny_dir:
+        os.environ["RLSTITCH_TINY_DIR"] = spec.tiny_dir
+    # The text encoder is needed even for StitchVM: its null-text condition is what the stitch was built with.
+    backbone = load_backbone(spec.backbone, spec.backbone_path, device=device)
+    reward = load_reward(spec.reward, spec.reward_path, device=device)
+    if spec.kind == "stitchvm":
+        return artifact.load(stitch_dir(spec.stitch_name), backbone, reward).to(device).eval()
+    codec = load_codec(spec.codec or BACKBONES[spec.backbone].vae, spec.codec_path, device=device)
+    if spec.kind == "tweedie":
+        return Tweedie(backbone, codec, reward).eval()
+    return MonteCarlo(backbone, codec, reward, k=spec.mc_k, steps=spec.mc_steps).eval()
+
+
+# ----------------------------------------------------------------------------------------- requests
+
+
+@dataclass
+class Batch:
+    """Requests concatenated along the batch, with the sizes to split the results back."""
+
+    z: Tensor
+    t: Tensor
+    prompts: list[str] | None
+    sizes: list[int] = field(default_factory=list)
+
+
+def expected_hw(model) -> tuple[int, int] | None:
+    """The latent size a StitchVM accepts (its stitch grid times the DiT patch), None when any size works."""
+    layer, backbone = getattr(model, "layer", None), getattr(model, "backbone", None)
+    if layer is None or not hasattr(backbone, "patch_size"):
+        return None
+    return layer.grid_u[0] * backbone.patch_size, layer.grid_u[1] * backbone.patch_size
+
+
+def parse_request(req: Any, index: int, model) -> tuple[Tensor, Tensor, list[str] | None]:
+    """(z, t [B], prompts) of one request, or a ValueError naming request `index` and the problem."""
+    where = f"value request {index}"
+    if not isinstance(req, Mapping):
+        raise ValueError(f"{where}: must be a dict with keys z, t, prompts, got {type(req).__name__}")
+    if not {"z", "t"} <= set(req) or set(req) - REQUEST_KEYS:
+        raise ValueError(f"{where}: keys must be z, t and optionally prompts, got {sorted(req)}")
+    z = req["z"]
+    if isinstance(z, Tensor) and z.dtype in (torch.float16, torch.bfloat16, torch.float64):
+        z = z.float()
+    try:
+        t = check_latent(z, req["t"], model.latent_channels, where)
+    except (TypeError, RuntimeError) as e:  # e.g. a t that is not a number
+        raise ValueError(f"{where}: bad t {req['t']!r} ({e})") from None
+    if z.dtype != torch.float32:
+        raise ValueError(f"{where}: latent dtype must be a float type, got {z.dtype}")
+    hw = expected_hw(model)
+    if hw is not None and tuple(z.shape[-2:]) != hw:
+        raise ValueError(f"{where}: latent must be [B, {model.latent_channels}, {hw[0]}, {hw[1]}], got {tuple(z.shape)}")
+    return z, t.cpu(), _prompts(req.get("prompts"), len(z), where, model)
+
+
+def _prompts(prompts, n: int, where: str, model) -> list[str] | None:
+    """Validated prompts: one string per latent (prompt-free rewards accept None)."""
+    if prompts is None:
+        if getattr(model.reward, "kind", "") == "clip":
+            raise ValueError(f"{where}: the {model.reward.name} reward needs one prompt per latent, got none")
+        return None
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{where}: prompts must be a list of strings")
+    if len(prompts) != n:
+        raise ValueError(f"{where}: got {len(prompts)} prompts for a batch of {n} latents")
+    return list(prompts)
+
+
+def batch_requests(requests: Sequence, model) -> Batch:
+    """Validate every request, then concatenate them into one batch."""
+    if not isinstance(requests, (list, tuple)):
+        raise ValueError(f"value requests must be a list of dicts, got {type(requests).__name__}")
+    parsed = [parse_request(r, k, model) for k, r in enumerate(requests)]
+    if not parsed:
+        return Batch(torch.empty(0), torch.empty(0), None, [])
+    sizes = [len(z) for z, _, _ in parsed]
+    has = [p is not None for _, _, p in parsed]
+    prompts = [q for (z, _, p) in parsed for q in (p if p is not None else [""] * len(z))] if any(has) else None
+    return Batch(torch.cat([z for z, _, _ in parsed]), torch.cat([t for _, t, _ in parsed]), prompts, sizes)
+
+
+def split(x: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    """Per-request pieces of a batched result (copies, so a piece does not pin the whole batch)."""
+    return [p.clone() for p in torch.split(x, list(sizes))]
+
+
+# --------------------------------------------------------------------------------------------- actor
+
+
+class ValueActor:
+    """Hosts one value estimator; batched `value` / `value_and_grad` over lists of requests."""
+
+    def __init__(self, spec: ValueSpec | Mapping | None = None, rank: int = 0, world_size: int = 1,
+                 tags: Mapping[str, str] | None = None, estimator=None):
+        self.spec = as_spec(spec)
+        self.rank, self.world_size = rank, world_size
+        self.device = pick_device(self.spec) if estimator is None else next(estimator.parameters()).device
+        self.model = estimator if estimator is not None else build_estimator(self.spec, self.device)
+        self.tags = {"role": "value", "recipe": "", "run": "", **dict(tags or {})}
+        self.calls = self.latents = self.errors = 0
+
+    def check(self, request: Mapping) -> None:
+        """Validate one request (a ValueError names the problem)."""
+        parse_request(request, 0, self.model)
+
+    def value(self, requests: Sequence[Mapping]) -> list[Tensor]:
+        """V per request ([B] each, on the CPU), from one batched forward."""
+        batch = self._batch(requests)
+        if not batch.sizes:
+            return []
+        start = time.perf_counter()
+        with torch.no_grad():
+            v = self._forward(batch).cpu()
+        self._record(batch, v, time.perf_counter() - start)
+        return split(v, batch.sizes)
+
+    def value_and_grad(self, requests: Sequence[Mapping]) -> list[tuple[Tensor, Tensor]]:
+        """(V [B], dV/dz [B, C, H, W]) per request, from one batched forward and backward."""
+        batch = self._batch(requests)
+        if not batch.sizes:
+            return []
+        start = time.perf_counter()
+        v, g = self.model.value_and_grad(batch.z.to(self.device), batch.t.to(self.device), batch.prompts)
+        v, g = v.cpu(), g.cpu()
+        self._record(batch, v, time.perf_counter() - start)
+        return list(zip(split(v, batch.sizes), split(g, batch.sizes)))
+
+    def info(self) -> dict:
+        """Rank, what it hosts and how much it has served."""
+        return {"rank": self.rank, "kind": self.spec.kind, "device": str(self.device), "calls": self.calls,
+                "latents": self.latents, "errors": self.errors, "latent_channels": self.model.latent_channels}
+
+    def _batch(self, requests) -> Batch:
+        """Validated batch; a bad request counts as an error and is raised to its caller."""
+        try:
+            return batch_requests(requests, self.model)
+        except ValueError:
+            self.errors += 1
+            raise
+
+    def _forward(self, batch: Batch) -> Tensor:
+        """One forward; Monte Carlo rollouts share a time grid, so they run per distinct t."""
+        z, t = batch.z.to(self.device), batch.t.to(self.device)
+        if self.spec.kind != "monte_carlo":
+            return self.model.value(z, t, batch.prompts)
+        out = torch.empty(len(z))
+        for tv in torch.unique(t):
+            rows = (t == tv).nonzero().flatten()
+            prompts = None if batch.prompts is None else [batch.prompts[i] for i in rows.tolist()]
+            out[rows.cpu()] = self.model.value(z[rows], t[rows], prompts).float().cpu()
+        return out
+
+    def _record(self, batch: Batch, v: Tensor, seconds: float) -> None:
+        """Counters and the documented metrics (exported only inside Ray)."""
+        self.calls += 1
+        self.latents += len(batch.z)
+        if not ray.is_initialized():
+            return
+        record("rlstitch_value_calls_total", 1, self.tags)
+        record("rlstitch_value_batch_size", len(batch.z), self.tags)
+        record("rlstitch_value_latency_s", seconds, self.tags)
+        record("rlstitch_value_mean", float(v.float().mean()), self.tags)
+
+
+# ---------------------------------------------------------------------------------------------- pool
+
+POLICIES = ("round_robin", "least_loaded")
+
+
+class Balancer:
+    """Picks a worker: round_robin, or least_loaded (fewest requests in flight; ties go round-robin)."""
+
+    def __init__(self, n: int, policy: str = "least_loaded"):
+        if policy not in POLICIES:
+            raise ValueError(f"balance policy {policy!r} is not one of {POLICIES}")
+        if n < 1:
+            raise ValueError("a balancer needs at least one worker")
+        self.n, self.policy, self.next = n, policy, 0
+
+    def pick(self, loads: Sequence[int]) -> int:
+        """The worker for the next request, given each worker's requests in flight."""
+        order = [(self.next + k) % self.n for k in range(self.n)]
+        k = order[0] if self.policy == "round_robin" else min(order, key=lambda i: loads[i])
+        self.next = (k + 1) % self.n
+        return k
+
+
+class ValueClient:
+    """Sends request lists to value actors with a balancing policy; picklable (rollout actors hold one)."""
+
+    def __init__(self, handles: Sequence, policy: str = "least_loaded"):
+        self.handles = list(handles)
+        self.balancer = Balancer(len(self.handles), policy)
+        self.pending: list[list] = [[] for _ in self.handles]
+
+    def __getstate__(self) -> dict:
+        """In-flight refs stay with the sender."""
+        return {"handles": self.handles, "policy": self.balancer.policy}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["handles"], state["policy"])
+
+    def loads(self) -> list[int]:
+        """Requests still in flight per actor."""
+        for k, refs in enumerate(self.pending):
+            if refs:
+                done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                self.pending[k] = [r for r in refs if r not in done]
+        return [len(r) for r in self.pending]
+
+    def submit(self, method: str, requests: Sequence[Mapping]):
+        """Start `method` (value or value_and_grad) on the chosen actor; returns (actor index, object ref)."""
+        k = self.balancer.pick(self.loads())
+        ref = getattr(self.handles[k], method).remote(list(requests))
+        self.pending[k].append(ref)
+        return k, ref
+
+    def value(self, requests: Sequence[Mapping], timeout: float | None = None) -> list[Tensor]:
+        """Batched values, one per request."""
+        return ray.get(self.submit("value", requests)[1], timeout=timeout)
+
+    def value_and_grad(self, requests: Sequence[Mapping], timeout: float | None = None) -> list[tuple[Tensor, Tensor]]:
+        """Batched (value, gradient) pairs, one per request."""
+        return ray.get(self.submit("value_and_grad", requests)[1], timeout=timeout)
+
+    def value_fn(self):
+        """(z, t, prompts) -> V: the FK-steering interface."""
+        return lambda z, t, prompts: self.value([{"z": z, "t": t, "prompts": prompts}])[0]
+
+    def grad_fn(self):
+        """(z, t, prompts) -> (V, grad): the DPS interface."""
+        return lambda z, t, prompts: self.value_and_grad([{"z": z, "t": t, "prompts": prompts}])[0]
+
+
+class ValueActorPool:
+    """N value actors placed through one ActorGroup (role "value"), load-balanced by a ValueClient."""
+
+    def __init__(self, spec: ValueSpec | Mapping | None = None, role: RoleSpec | None = None,
+                 policy: str = "least_loaded", tags: Mapping[str, str] | None = None):
+        self.spec = as_spec(spec)
+        self.group = ActorGroup(ValueActor, role or RoleSpec(), asdict(self.spec), tags=dict(tags or {}), role="value")
+        self.client = ValueClient(self.group.workers, policy)
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def value(self, requests: Sequence[Mapping], timeout: float | None = None) -> list[Tensor]:
+        """Batched values on the chosen actor."""
+        return self.client.value(requests, timeout)
+
+    def value_and_grad(self, requests: Sequence[Mapping], timeout: float | None = None) -> list[tuple[Tensor, Tensor]]:
+        """Batched (value, gradient) pairs on the chosen actor."""
+        return self.client.value_and_grad(requests, timeout)
+
+    def info(self) -> list[dict]:
+        """Every actor's info()."""
+        return self.group.call("info")
+
+    def shutdown(self) -> None:
+        """Kill the actors and free their placement group."""
+        self.group.shutdown()
+
+
+# --------------------------------------------------------------------------------------------- Serve
+
+DEFAULT_AUTOSCALING = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}
+
+
+@serve.deployment(name="ValueModel", max_ongoing_requests=64)
+class ValueDeployment:
+    """A value actor behind Ray Serve: single requests in, dynamically batched by @serve.batch."""
+
+    def __init__(self, spec: Mapping, tags: Mapping[str, str] | None = None, max_batch_size: int = 32,
+                 batch_wait_timeout_s: float = 0.01):
+        self.actor = ValueActor(spec, tags={"role": "value", **dict(tags or {})})
+        for method in (self._value_batch, self._grad_batch):
+            method.set_max_batch_size(max_batch_size)
+            method.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    async def value(self, request: Mapping) -> Tensor:
+        """V of one request; a bad request fails alone, before it joins a batch."""
+        self.actor.check(request)
+        return await self._value_batch(request)
+
+    async def value_and_grad(self, request: Mapping) -> tuple[Tensor, Tensor]:
+        """(V, grad) of one request."""
+        self.actor.check(request)
+        return await self._grad_batch(request)
+
+    def info(self) -> dict:
+        """The hosted actor's info (calls counts batches, latents counts latents)."""
+        return self.actor.info()
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _value_batch(self, requests: list[Mapping]) -> list[Tensor]:
+        # The forward runs in a thread so the event loop keeps queueing the next batch.
+        return await asyncio.to_thread(self.actor.value, list(requests))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _grad_batch(self, requests: list[Mapping]) -> list[tuple[Tensor, Tensor]]:
+        return await asyncio.to_thread(self.actor.value_and_grad, list(requests))
+
+    async def __call__(self, http_request) -> Any:
+        """Debug HTTP route: POST {"z": nested list, "t": ..., "prompts": [...], "grad": false}."""
+        from starlette.responses import JSONResponse
+
+        body = await http_request.json()
+        try:
+            req = {"z": torch.tensor(body["z"], dtype=torch.float32), "t": body["t"], "prompts": body.get("prompts")}
+            if body.get("grad"):
+                v, g = await self.value_and_grad(req)
+                return {"value": v.tolist(), "grad": g.tolist()}
+            return {"value": (await self.value(req)).tolist()}
+        except (ValueError, KeyError, TypeError) as e:
+            return JSONResponse({"error": str(e)}, status_code=400)
+
+
+def actor_options(role: RoleSpec) -> dict:
+    """ray_actor_options of a replica from a RoleSpec (custom resources the cluster lacks are dropped)."""
+    one = bundle(role, "value")
+    return {"num_cpus": role.num_cpus, "num_gpus": role.num_gpus,
+            "resources": {k: v for k, v in one.items() if k not in ("CPU", "GPU")}}
+
+
+def serve_value(spec: ValueSpec | Mapping | None = None, *, name: str = "value", role: RoleSpec | None = None,
+                autoscaling: Mapping | None = None, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01,
+                http_port: int | None = None, tags: Mapping[str, str] | None = None):
+    """Deploy the value model on Ray Serve; returns its DeploymentHandle (`handle.value.remote(req).result()`).
+
+    With http_port, also a debug route POST http://127.0.0.1:<port>/<name> (never bound beyond loopback).
+    """
+    spec = as_spec(spec)
+    http = {"host": "127.0.0.1", "port": http_port or 8000}
+    serve.start(proxy_location="HeadOnly" if http_port else "Disabled", http_options=http)
+    app = ValueDeployment.options(
+        autoscaling_config=dict(autoscaling or DEFAULT_AUTOSCALING), ray_actor_options=actor_options(role or RoleSpec()),
+    ).bind(asdict(spec), dict(tags or {}), max_batch_size, batch_wait_timeout_s)
+    return serve.run(app, name=name, route_prefix=f"/{name}" if http_port else None)

@@ -1,0 +1,260 @@
+"""What every training recipe's driver shares: config loading, the three actor groups, evaluation, checkpoints.
+
+Only the single controller (the recipe process) imports this module; everything sent to Ray actors lives in
+the `actors` and `rlstitch` packages.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python recipes/x.py` puts only recipes/ on the path
+    sys.path.insert(0, str(ROOT))
+
+from actors.group import ActorGroup, RoleSpec  # noqa: E402
+from actors.learner import LearnerGroup  # noqa: E402
+from actors.metrics import record  # noqa: E402
+from actors.rollout import EVAL, RolloutGroup  # noqa: E402
+from actors.runtime import init_ray  # noqa: E402
+from actors.value import ValueActor, ValueClient, ValueSpec  # noqa: E402
+from rlstitch.config import ConfigError, load_config, to_dict  # noqa: E402
+from rlstitch.models.registry import BACKBONES  # noqa: E402
+from rlstitch.train.config import RecipeConfig  # noqa: E402
+from rlstitch.train.policy import PromptStream, load_prompts  # noqa: E402
+from rlstitch.train.run import RunLogger, find_resume, image_grid, load_run, save_run  # noqa: E402
+from rlstitch.train.scoring import LazyCleanReward, Scorer  # noqa: E402
+
+CONFIGS = ROOT / "recipes" / "configs"
+
+
+def parse(recipe: str, argv: list[str] | None = None) -> RecipeConfig:
+    """`config=<name or yaml>` picks recipes/configs/<recipe>/<name>.yaml (default: tiny); the rest are key=value."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    choice = next((a.split("=", 1)[1] for a in argv if a.startswith("config=")), "tiny")
+    overrides = [a for a in argv if not a.startswith("config=")]
+    yaml = Path(choice) if choice.endswith((".yaml", ".yml")) else CONFIGS / recipe / f"{choice}.yaml"
+    if not yaml.is_file():
+        known = sorted(p.stem for p in (CONFIGS / recipe).glob("*.yaml"))
+        raise ConfigError(f"no config {choice!r} for recipe {recipe}: pick config=<one of {known}> or a YAML path")
+    return load_config(RecipeConfig, overrides, yaml)
+
+
+def role(cfg: RecipeConfig, name: str) -> RoleSpec:
+    """The RoleSpec of a placement entry."""
+    return RoleSpec(**asdict(getattr(cfg.placement, name)))
+
+
+@dataclass
+class World:
+    """Everything the driver talks to."""
+
+    cfg: RecipeConfig
+    rollouts: RolloutGroup
+    learner: LearnerGroup
+    scorer: Scorer  # the training signal: StitchVM(s) at z_tau, or the clean reward(s) at t=0
+    eval_scorer: Scorer  # the clean reward model(s) on fully denoised samples
+    log: RunLogger
+    tags: dict
+    groups: list = field(default_factory=list)
+
+    def shutdown(self) -> None:
+        """Stop every actor group (the learner first: its trainer thread waits on queues)."""
+        for g in [self.learner, self.rollouts, *self.groups]:
+            try:
+                g.shutdown()
+            except Exception as e:  # keep shutting the others down
+                self.log.info(f"shutdown of {type(g).__name__} failed: {e!r}")
+
+
+def _value_pool(cfg: RecipeConfig, spec: ValueSpec, estimator, tags: dict) -> tuple[ValueClient, ActorGroup]:
+    """Value actors of the "value" role hosting one estimator (a ValueSpec, or a lazily rebuilt CleanReward)."""
+    kwargs = {"estimator": estimator} if estimator is not None else {}
+    group = ActorGroup(ValueActor, role(cfg, "value"), asdict(spec), tags=tags, role="value", **kwargs)
+    return ValueClient(group.workers), group
+
+
+def build_scorers(cfg: RecipeConfig, tags: dict) -> tuple[Scorer, Scorer, list]:
+    """Training and evaluation scorers; actors are shared where both need the same model."""
+    tiny = os.environ.get("RLSTITCH_TINY_DIR")
+    codec = BACKBONES[cfg.model.backbone].vae if cfg.model.codec == "auto" else cfg.model.codec
+    pools: dict[tuple, ValueClient] = {}
+    groups = []
+
+    def clean(name: str, path: str | None) -> ValueClient:
+        key = ("clean", name, path)
+        if key not in pools:
+            # The hosted estimator is CleanReward: Tweedie at t=0 without its (then useless) denoiser call.
+            spec = ValueSpec(kind="tweedie", backbone=cfg.model.backbone, reward=name, reward_path=path, tiny_dir=tiny)
+            lazy = LazyCleanReward(codec, cfg.model.codec_path, name, path, tiny)
+            pools[key], g = _value_pool(cfg, spec, lazy, tags)
+            groups.append(g)
+        return pools[key]
+
+    def stitch(name: str, path: str | None, artifact: str) -> ValueClient:
+        spec = ValueSpec(kind="stitchvm", backbone=cfg.model.backbone, backbone_path=cfg.model.path, reward=name,
+                         reward_path=path, stitch=artifact, tiny_dir=tiny)
+        client, g = _value_pool(cfg, spec, None, tags)
+        groups.append(g)
+        return client
+
+    paths = list(cfg.reward.paths) or [None] * len(cfg.reward.names)
+    train = {}
+    for k, (name, path) in enumerate(zip(cfg.reward.names, paths)):
+        train[name] = stitch(name, path, cfg.reward.stitches[k]) if cfg.mode == "stitch" else clean(name, path)
+    eval_paths = list(cfg.eval.reward_paths) or [None] * len(cfg.eval.rewards)
+    evals = {name: clean(name, path) for name, path in zip(cfg.eval.rewards, eval_paths)}
+    weights = dict(zip(cfg.reward.names, cfg.reward.weights))
+    return Scorer(train, weights), Scorer(evals, {k: 1.0 for k in evals}), groups
+
+
+def start(cfg: RecipeConfig, resume_id: str | None = None, start_iteration: int = 0) -> World:
+    """Ray (joined or local), value actors, rollout workers, the learner group and the logger."""
+    tiny = os.environ.get("RLSTITCH_TINY_DIR")
+    roles = [role(cfg, r) for r in ("rollout", "value", "learner")]
+    need = sum(r.num_workers * r.num_cpus for r in roles) + 2 * roles[1].num_cpus * roles[1].num_workers
+    # A local instance gets enough logical CPUs for every role: the loop is synchronous, so roles take turns.
+    # On a busy machine Python workers can take over a minute to import torch; Ray's 60 s default kills them.
+    os.environ.setdefault("RAY_worker_register_timeout_seconds", "600")
+    init_ray(num_cpus=max(os.cpu_count() or 1, int(need + 1)))
+    run = f"{cfg.recipe}-{cfg.mode}-{int(time.time())}"
+    tags = {"recipe": cfg.recipe, "run": run}
+    out = Path(cfg.out)
+    log = RunLogger(out, to_dict(cfg), cfg.iterations, use_wandb=cfg.log.wandb, project=cfg.log.project,
+                    name=cfg.log.run_name or f"{cfg.recipe}-{cfg.mode}", resume_id=resume_id,
+                    progress=cfg.log.progress, start=start_iteration)
+    scorer, eval_scorer, groups = build_scorers(cfg, tags | {"role": "value"})
+    rollouts = RolloutGroup(cfg, role(cfg, "rollout"), tags | {"role": "rollout"}, tiny_dir=tiny)
+    value = scorer if cfg.algorithm == "draft" else None
+    learner = LearnerGroup(cfg, role(cfg, "learner"), tags | {"role": "learner"}, value=value, tiny_dir=tiny,
+                           storage=out / "ray_train")
+    return World(cfg, rollouts, learner, scorer, eval_scorer, log, tags, groups)
+
+
+# --------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class DriverState:
+    """What the driver owns between iterations (all of it goes into checkpoints)."""
+
+    iteration: int
+    version: int  # learner step of the weights the rollout workers hold
+    rng: torch.Generator  # rollout seeds and stop draws
+    prompts: PromptStream
+    history: list = field(default_factory=list)  # evaluations so far
+    wandb_id: str | None = None
+    train_s: float = 0.0  # wall seconds spent in iterations (rollouts, scores, learner, sync); no evals or saves
+
+
+def new_state(cfg: RecipeConfig) -> DriverState:
+    """A fresh run: seeded RNG, prompt stream at the start."""
+    rng = torch.Generator().manual_seed(cfg.train.seed)
+    return DriverState(0, 0, rng, PromptStream(load_prompts(cfg.data.prompts, cfg.data.num_prompts), cfg.train.seed))
+
+
+def checkpoint_dir(cfg: RecipeConfig) -> Path:
+    """Where a run's checkpoints go."""
+    return Path(cfg.out) / "checkpoints"
+
+
+def peek_resume(cfg: RecipeConfig) -> tuple[Path | None, dict]:
+    """The checkpoint to resume from (if resuming) and its info (for the wandb id before the logger starts)."""
+    import json
+
+    path = find_resume(checkpoint_dir(cfg)) if cfg.checkpoint.resume else None
+    return path, (json.loads((path / "info.json").read_text()) if path else {})
+
+
+def restore(world: World, state: DriverState, path: Path) -> None:
+    """Load a checkpoint into the learner group and the driver state (data position, RNG, step, history)."""
+    states, info = load_run(path, state.rng)
+    world.learner.load_state(states)
+    state.iteration, state.version = int(info["iteration"]), int(info["learner_step"])
+    state.prompts.load_state(info["data"])
+    state.history = list(info.get("history", []))
+    state.train_s = float(info.get("train_s", 0.0))
+    state.wandb_id = info.get("wandb_id")
+    world.log.info(f"resumed from {path}: iteration {state.iteration}, step {state.version}, "
+                   f"epoch {state.prompts.epoch} (+{state.prompts.offset} prompts)")
+
+
+def save(world: World, state: DriverState) -> Path:
+    """A full checkpoint of the run as it stands after `state.iteration` iterations."""
+    path = save_run(checkpoint_dir(world.cfg), state.iteration, world.learner.state(), state.rng,
+                    keep=world.cfg.checkpoint.keep, iteration=state.iteration, data=state.prompts.state(),
+                    history=state.history, train_s=state.train_s, wandb_id=world.log.run_id, config=to_dict(world.cfg))
+    world.log.info(f"checkpoint: {path}")
+    return path
+
+
+def sync_rollouts(world: World, version: int, full: bool = False) -> dict:
+    """Publish the learner's sampling weights to every rollout worker (with the base weights when full)."""
+    w = world.learner.weights("sample", base=full)
+    return world.rollouts.sync(w["adapter"], version, base=w.get("base"))
+
+
+# --------------------------------------------------------------------------------------------- eval
+
+
+def eval_set(cfg: RecipeConfig) -> tuple[list[str], list[int]]:
+    """Held-out prompts and their fixed noise seeds."""
+    prompts = load_prompts(cfg.eval.prompts, cfg.eval.num_prompts)
+    return prompts, [cfg.eval.seed + k for k in range(len(prompts))]
+
+
+def evaluate(world: World, state: DriverState, prompts: list[str], seeds: list[int]) -> dict:
+    """Clean reward(s) of fully denoised samples with the current (or EMA) weights; logs a sample grid."""
+    cfg = world.cfg
+    start = time.perf_counter()
+    w = world.learner.weights("ema" if cfg.eval.use_ema else "current")
+    world.rollouts.sync(w["adapter"], state.version, slot=EVAL)
+    out = world.rollouts.generate(prompts, seeds, grid=cfg.eval.grid)
+    _, parts = world.eval_scorer.value(out["z"], 0.0, prompts)
+    first = cfg.eval.rewards[0]
+    row = {"iteration": state.iteration, "step": state.version, "wall_s": round(state.train_s, 2),
+           "clean_reward": float(parts[first].mean()), **{f"clean_{k}": float(v.mean()) for k, v in parts.items()}}
+    state.history.append(row)
+    images = None
+    if out["images"] is not None and len(out["images"]):
+        images = {"eval/samples": (image_grid(out["images"]), " | ".join(out["prompts"][:8]))}
+    world.log.log({f"eval/{k}": v for k, v in row.items() if k not in ("iteration", "step", "wall_s")}
+                  | {"eval/seconds": time.perf_counter() - start}, step=state.version, images=images)
+    world.log.info(f"eval @ step {state.version} (iteration {state.iteration}): clean reward {first} = "
+                   f"{row['clean_reward']:.4f}")
+    return row
+
+
+def log_iteration(world: World, state: DriverState, stats: dict, reward_parts: dict, reward, tau, sync: dict,
+                  seconds: dict) -> None:
+    """One line of training metrics per iteration (wandb, jsonl, dashboard, progress bar)."""
+    cfg = world.cfg
+    metrics = {f"train/{k}": v for k, v in stats.items() if k != "step"}
+    metrics |= {"time/train_s": state.train_s, "train/reward_mean": float(reward.mean()), "train/reward_std": float(reward.std()),
+                "train/tau_mean": float(tau.mean()), "train/tau_min": float(tau.min()), "train/tau_max": float(tau.max()),
+                "train/iteration": state.iteration, "train/epoch": state.prompts.epoch,
+                "sync/seconds": sync["seconds"], "sync/bytes": sync["bytes"],
+                **{f"train/reward_{k}": float(v.mean()) for k, v in reward_parts.items()},
+                **{f"time/{k}": v for k, v in seconds.items()}}
+    world.log.log(metrics, step=state.version)
+    record("rlstitch_reward_mean", float(reward.mean()), world.tags | {"role": "driver"})
+    world.log.advance({"step": state.version, "reward": float(reward.mean()), "loss": stats.get("loss", 0.0)})
+    del cfg
+
+
+def finish(world: World, state: DriverState, wall_s: float) -> dict:
+    """Final summary: untrained vs final clean reward, steps, wall times (training only, and this process's
+    loop including evaluations); always written."""
+    hist = state.history
+    summary = {"recipe": world.cfg.recipe, "mode": world.cfg.mode, "steps": state.version,
+               "iterations": state.iteration, "epochs": state.prompts.epoch + state.prompts.offset / len(state.prompts.prompts),
+               "train_s": round(state.train_s, 1), "loop_s": round(wall_s, 1), "untrained_clean_reward": hist[0]["clean_reward"] if hist else None,
+               "final_clean_reward": hist[-1]["clean_reward"] if hist else None, "history": hist}
+    world.log.finish(summary)
+    return summary

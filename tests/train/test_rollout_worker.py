@@ -1,0 +1,61 @@
+"""The rollout worker in-process (no Ray): full sync first, versions, stops, saved steps, eval samples."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlstitch.config import load_config
+from rlstitch.train.config import RecipeConfig
+from rlstitch.train.policy import Policy
+
+
+@pytest.fixture(scope="module")
+def worker(random_world):
+    from actors.rollout import RolloutWorker
+
+    cfg = load_config(RecipeConfig, ["lora.rank=4", "sampler.steps=6", "rollout.stop_window=[2,4]"])
+    return RolloutWorker(cfg, tiny_dir=str(random_world))
+
+
+def learner_weights(random_world):
+    """Adapter + base weights of a learner-side policy whose adapter was changed."""
+    from rlstitch.models.registry import load_backbone
+
+    pol = Policy(load_backbone("tiny-flux"), rank=4)
+    with torch.no_grad():
+        for p in pol.trainable_parameters():
+            p.add_(0.01)
+    return pol.state(), pol.base_state()
+
+
+def test_first_sync_must_be_full_and_versions_are_reported(worker, random_world):
+    adapter, base = learner_weights(random_world)
+    with pytest.raises(RuntimeError, match="no weights yet"):
+        worker.sample({"prompts": ["a red circle"], "seeds": [0], "stops": [3]})
+    with pytest.raises(RuntimeError, match="full one"):
+        worker.set_weights({"version": 0, "adapter": adapter})
+    assert worker.set_weights({"version": 0, "adapter": adapter, "base": base})["version"] == 0
+    assert worker.set_weights({"version": 1, "adapter": adapter})["version"] == 1  # adapter-only from now on
+    torch.testing.assert_close(worker.policy.state(), adapter)
+
+
+def test_sample_stops_each_rollout_and_is_seeded(worker):
+    job = {"prompts": ["a red circle", "a blue square", "a red circle"], "seeds": [5, 6, 5], "stops": [2, 4, 2]}
+    a = worker.sample(job)
+    assert a["version"] == 1 and a["z"].shape == (3, 4, 8, 8)
+    assert a["denoise_steps"] == 8  # 2 + 4 + 2 of 18: the rest was saved by stopping early
+    torch.testing.assert_close(a["tau"], worker.sampler.timesteps()[[2, 4, 2]].float())
+    torch.testing.assert_close(a["z"][0], a["z"][2])  # same prompt, seed and stop -> same latent
+    torch.testing.assert_close(worker.sample(job)["z"], a["z"])
+    d = worker.sample(job | {"draft_k": 1})  # DRaFT: one step before each stop
+    assert d["denoise_steps"] == 5 and torch.equal(d["stops"], torch.tensor([2, 4, 2]))
+
+
+def test_generate_uses_the_eval_slot(worker, random_world):
+    adapter, _ = learner_weights(random_world)
+    with pytest.raises(RuntimeError, match="eval weights"):
+        worker.generate({"prompts": ["a red circle"], "seeds": [0]})
+    worker.set_weights({"version": 3, "slot": "evaluation", "adapter": adapter})
+    out = worker.generate({"prompts": ["a red circle", "a blue square"], "seeds": [0, 1], "grid": 1})
+    assert out["z"].shape == (2, 4, 8, 8) and out["images"].shape == (1, 3, 32, 32) and out["version"] == 3
