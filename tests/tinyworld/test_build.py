@@ -13,7 +13,7 @@ def test_build_few_steps(tmp_path, monkeypatch):
 
     cfg = BuildConfig(out=str(tmp_path), scale=0.002, threads=1)
     trained = build(cfg)
-    assert set(trained) == {"vae", "vae_decoder", "clip", "aesthetic", "sd3", "flux"}
+    assert set(trained) == {"vae", "vae_decoder", "clip", "clip_image", "aesthetic", "sd3", "flux"}
     for name in trained:
         info = json.loads((tmp_path / name / "training.json").read_text())
         assert info["steps"] >= 2 and info["seconds"] > 0
