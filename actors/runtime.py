@@ -11,6 +11,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     """Connect to the job's cluster (RAY_ADDRESS, set by `ray job submit`) or start a local Ray on 127.0.0.1."""
     if ray.is_initialized():
         return
+    # The driver and its workers must agree: a local instance started with token auth rejects workers
+    # that were told auth is disabled.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
                         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
