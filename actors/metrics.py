@@ -26,6 +26,10 @@ METRICS = {
     "rlstitch_fit_residual": ("gauge", "Relative residual of the chosen stitch pair"),
     "rlstitch_finetune_loss": ("gauge", "Stitch finetune loss"),
 }
+# Which workload exports which metric (the end-to-end tests check each group on its own recipe).
+BUILD_METRICS = ("rlstitch_stats_shards_total", "rlstitch_stats_tokens_total", "rlstitch_fit_residual",
+                 "rlstitch_finetune_loss")
+TRAINING_METRICS = tuple(name for name in METRICS if name not in BUILD_METRICS)
 BOUNDARIES = {
     "rlstitch_value_batch_size": [1, 2, 4, 8, 16, 32, 64, 128, 256],
     "rlstitch_value_latency_s": [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5],
@@ -90,6 +94,22 @@ def grafana_dashboard() -> dict:
     ]
     return {"title": "rlstitch", "uid": "rlstitch", "schemaVersion": 39, "version": 1, "refresh": "10s",
             "time": {"from": "now-1h", "to": "now"}, "templating": {"list": variables}, "panels": panels}
+
+
+def scrape(text: str) -> dict[str, float]:
+    """Sum of every rlstitch series in a Prometheus text export, by metric name (histograms: their _count)."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("ray_rlstitch_"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name = series.split("{", 1)[0].removeprefix("ray_")
+        if name.endswith(("_bucket", "_sum")):
+            continue
+        name = name.removesuffix("_count")
+        if name in METRICS:
+            totals[name] = totals.get(name, 0.0) + abs(float(value))
+    return totals
 
 
 if __name__ == "__main__":

@@ -112,10 +112,12 @@ class RolloutWorker:
 
     def _record(self, rollouts: int, steps: int, saved: int) -> None:
         """Dashboard counters (only inside Ray)."""
-        if ray.is_initialized():
-            record("rlstitch_rollouts_total", rollouts, self.tags)
-            record("rlstitch_denoise_steps_total", steps, self.tags)
-            record("rlstitch_denoise_steps_saved_total", max(saved, 0), self.tags)
+        if not ray.is_initialized():
+            return
+        for name, value in (("rlstitch_rollouts_total", rollouts), ("rlstitch_denoise_steps_total", steps),
+                            ("rlstitch_denoise_steps_saved_total", saved)):
+            if value > 0:  # Ray counters only take positive increments
+                record(name, value, self.tags)
 
 
 class RolloutGroup:
@@ -143,7 +145,8 @@ class RolloutGroup:
         sent = state_bytes(adapter) + (state_bytes(base) if payload["base"] is not None else 0)
         seconds = time.perf_counter() - start
         record("rlstitch_weight_sync_s", seconds, self.tags | {"role": "rollout"})
-        record("rlstitch_weight_sync_bytes_total", sent * len(self), self.tags | {"role": "rollout"})
+        if sent:
+            record("rlstitch_weight_sync_bytes_total", sent * len(self), self.tags | {"role": "rollout"})
         return {"seconds": seconds, "bytes": sent * len(self), "full": payload["base"] is not None}
 
     def _split(self, items: Sequence) -> list[list]:

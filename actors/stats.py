@@ -122,6 +122,10 @@ class StatsWorker:
         return {"rank": self.rank, "pid": os.getpid(), "device": str(self.device),
                 "load_s": round(self.load_s, 2)}
 
+    def cpu_seconds(self) -> float:
+        """CPU time this worker has used (benchmarks: how much of a core a shared machine gave it)."""
+        return time.process_time()
+
     def _maybe_fail(self) -> None:
         """Failure injection for tests: rank 0 dies on its first shard once (the marker file records it)."""
         if self.fail_once and self.rank == 0 and not os.path.exists(self.fail_once):

@@ -209,16 +209,17 @@ def curve_above(fks: dict, key: str) -> list[bool]:
 
 
 def plot(fks: dict, path: Path) -> None:
-    """Reward vs wall seconds and vs network evaluations for the three methods."""
+    """Reward vs wall seconds, CPU seconds, network evaluations and GFLOP for the three methods."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     styles = {"tweedie": ("Tweedie-FKS (N)", "o-"), "stitchvm": ("StitchVM-FKS (N, M)", "s-"), "bon": ("Best-of-N", "^--")}
-    keys = ("wall_s", "nfe", "gflop")
-    labels = ("wall seconds per prompt", "network evaluations per prompt", "GFLOP per prompt")
+    keys = ("wall_s", "cpu_s", "nfe", "gflop")
+    labels = ("wall seconds per prompt", "process CPU seconds per prompt", "network evaluations per prompt",
+              "GFLOP per prompt")
     for ax, key, label in zip(axes, keys, labels):
         for name, (legend, style) in styles.items():
             pts = sorted(fks[name], key=lambda p: p[key])

@@ -95,7 +95,7 @@ def plot(report: dict, png: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Run the four methods and write the JSON report and the PNG."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, ~20 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="fewer steps (20 steps per method, ~15 minutes on 2 cores)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--png", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="run folders (default: a temp folder)")

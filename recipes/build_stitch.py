@@ -66,7 +66,7 @@ FORWARDED_ENV = ("RLSTITCH_TINY_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENS
 REQUIRED = "REQUIRED"  # placeholder of a value the user must give (YAML '???' would be dropped by the merge)
 # Fields of the config that decide the statistics and the fit (a re-run with the same values reuses them).
 FIT_KEYS = ("backbone", "backbone_path", "reward", "reward_path", "data", "probe_images", "batch", "j_max",
-            "ridge", "seed")
+            "i_tolerance", "ridge", "seed")
 
 
 def _check_resources(role: str, resources: dict, allowed: tuple[str, ...]) -> None:

@@ -41,13 +41,18 @@ def load_methods(stitch: Path) -> tuple[dict, object, object, object]:
     reward = load_reward(manifest["reward"]["name"])
     codec = load_codec(BACKBONES[backbone.name].vae)
     ident = LatentTokens(backbone.latent_channels, name=f"latent:{backbone.name}")
-    methods = {
-        "tweedie": Tweedie(backbone, codec, reward).eval(),
-        "vae_stitch": artifact.load(stitch / "vae_stitch", ident, reward),
-        "noisy_reward": NoisyReward.load(stitch / "noisy_reward", reward),
-        "stitchvm_cf": artifact.load(stitch / "closed_form", backbone, reward),
-        "stitchvm": artifact.load(stitch, backbone, reward),
+    baselines = {  # method -> (sub-folder of a baselines=true build, loader)
+        "vae_stitch": ("vae_stitch", lambda d: artifact.load(d, ident, reward)),
+        "noisy_reward": ("noisy_reward", lambda d: NoisyReward.load(d, reward)),
+        "stitchvm_cf": ("closed_form", lambda d: artifact.load(d, backbone, reward)),
     }
+    methods = {"tweedie": Tweedie(backbone, codec, reward).eval()}
+    for name, (folder, load) in baselines.items():
+        if (stitch / folder).is_dir():
+            methods[name] = load(stitch / folder)
+        else:  # e.g. a recipes/build_stitch.py artifact: report what is there
+            print(f"{stitch / folder} not found: {name} is left out (build with baselines=true to include it)")
+    methods["stitchvm"] = artifact.load(stitch, backbone, reward)
     return methods, backbone, reward, codec
 
 
@@ -78,7 +83,7 @@ def fidelity_table(methods: dict, reward, codec, n: int) -> dict:
         return {"r1_i2t": r["i2t"], "r1_t2i": r["t2i"]}
 
     keys = ("srcc",) if aesthetic else ("r1_i2t", "r1_t2i")
-    out = {k: {m: {} for m in METHODS} for k in keys}
+    out = {k: {m: {} for m in METHODS if m == "clean" or m in methods} for k in keys}
     base = score(clean)
     for k in keys:
         out[k]["clean"] = {t: base[k] for t in TIMES}
@@ -136,7 +141,7 @@ def plot(res: dict, path: Path) -> None:
     key = "srcc" if "srcc" in res else "r1_i2t"
     fig, ax = plt.subplots(figsize=(6, 4))
     ts = [float(t) for t in TIMES]
-    for m in METHODS:
+    for m in [m for m in METHODS if m in res[key]]:
         style = "--" if m == "clean" else "-o"
         ax.plot(ts, [res[key][m][t] for t in TIMES], style, label=m)
     ax.set_xlabel("t (noise level)")
@@ -175,7 +180,7 @@ def print_table(res: dict) -> None:
     for key in [k for k in ("r1_i2t", "r1_t2i", "srcc") if k in res]:
         print(f"\n{key} ({res['gallery_size']} pairs)")
         print("method        " + "".join(f"{t:>8s}" for t in TIMES))
-        for m in METHODS:
+        for m in [m for m in METHODS if m in res[key]]:
             print(f"{m:14s}" + "".join(f"{res[key][m][t]:8.3f}" for t in TIMES))
     c = res["cost"]
     print(f"\ncost at batch {c['batch']}: value ms stitchvm {c['stitchvm']['value_ms']:.1f} vs tweedie "

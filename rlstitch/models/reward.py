@@ -152,10 +152,9 @@ class ClipReward(PixelReward):
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.clip.transformer.parameters()):
             return self._text_tower(prompts)[1]
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        if missing:
-            with torch.no_grad():
-                for p, e in zip(missing, self._text_tower(missing)[1]):
-                    self._text_cache[p] = e
+        with torch.no_grad():
+            for p in missing:  # one at a time: a prompt's embedding must not depend on which others were new
+                self._text_cache[p] = self._text_tower([p])[1][0]
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def text_condition(self, prompts: Sequence[str]) -> Condition:

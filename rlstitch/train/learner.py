@@ -86,6 +86,9 @@ class DeepSpeedEngine:
     def __init__(self, module, params: list, cfg: RecipeConfig, gas: int, world_size: int, bf16: bool, backend: str):
         import deepspeed
 
+        if backend == "gloo" and world_size == 1:
+            # DeepSpeed's shared-memory all-reduce op only speeds up several CPU ranks; one rank skips its C++ build.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         _, micro = micro_batches(cfg, world_size)
         zero = {"stage": cfg.train.zero_stage}
         if cfg.train.zero_stage:
@@ -162,11 +165,10 @@ class Learner:
         from rlstitch.models.condition import Condition
 
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cond]
-        if missing:
+        for p in missing:  # one at a time: batch-dependent kernels would make a resumed run drift by ulps
             with torch.no_grad():
-                c = self.policy.backbone.encode_prompts(missing)
-            for k, p in enumerate(missing):
-                self._cond[p] = Condition(c.tokens[k : k + 1].cpu(), c.pooled[k : k + 1].cpu())
+                c = self.policy.backbone.encode_prompts([p])
+            self._cond[p] = Condition(c.tokens.cpu(), c.pooled.cpu())
         return Condition.cat([self._cond[p] for p in prompts]).to(self.device)
 
     def _rows(self, n: int, iteration_seed: int) -> list[Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_utils import free_port, run_watching_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -59,13 +60,6 @@ def test_start_up_checks_name_the_knob():
             parse(argv)
 
 
-def _free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop_cluster(temp_dir: str, port: int) -> None:
     """Stop only the cluster this test started: its processes (found by its private temp dir or GCS port) and
     their children, by pid; `ray stop` would kill every Ray instance on the machine."""
@@ -95,31 +89,34 @@ def _stop_cluster(temp_dir: str, port: int) -> None:
             pass
 
 
-def _submit(env: dict, dash: int, out: Path, steps: int) -> str:
-    """`ray job submit` of the recipe; returns the job's output (the command waits for the job to end)."""
+def _submit(env: dict, dash: int, out: Path, steps: int, metrics: int) -> tuple[str, dict]:
+    """`ray job submit` of the recipe (it waits for the job to end); returns its output and the metrics seen."""
     ray = str(ROOT / ".venv" / "bin" / "ray")
     cmd = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
            "python", "recipes/build_stitch.py", *SMALL, f"finetune.steps={steps}", f"out={out}"]
     for _ in range(10):  # the dashboard's job agent registers a little after `ray start` returns
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        res, seen = run_watching_metrics(cmd, metrics, timeout=900, linger=0, cwd=ROOT, env=env)
         if "No available agent to submit job" not in res.stderr:
             break
         time.sleep(5)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    return res.stdout + res.stderr
+    return res.stdout + res.stderr, seen
 
 
 @pytest.mark.slow
 def test_ray_job_submit_builds_a_loadable_stitch_and_resumes(random_world, tmp_path):
     """ray start --head on 127.0.0.1, ray job submit the recipe, load the artifact; a second job with more
     steps resumes from the first one's last checkpoint; the cluster is stopped in any case."""
+    from actors.metrics import BUILD_METRICS
+    from rlstitch.eval import fidelity
     from rlstitch.models.registry import load_backbone, load_reward
     from rlstitch.stitch import artifact
 
-    port, dash, agent, client = (_free_port() for _ in range(4))  # other Ray instances may hold the defaults
+    port, dash, agent, client, metrics = (free_port() for _ in range(5))  # other Ray instances hold the defaults
     temp_dir = tempfile.mkdtemp(prefix="rls-", dir="/tmp")  # short: Ray's socket paths live below it
     env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
            "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "RAY_metrics_report_interval_ms": "2000",  # short-lived processes export before they exit
            "RLSTITCH_TINY_DIR": str(random_world),
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   str(Path.home() / ".cache" / "torch_extensions"))}
@@ -127,18 +124,25 @@ def test_ray_job_submit_builds_a_loadable_stitch_and_resumes(random_world, tmp_p
     out = tmp_path / "stitch"
     start = [str(ROOT / ".venv" / "bin" / "ray"), "start", "--head", f"--port={port}",
              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-             f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}", "--num-cpus=2",
+             f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
+             f"--metrics-export-port={metrics}", "--num-cpus=2",
              f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     try:
         subprocess.run(start, env=env, check=True, capture_output=True, timeout=180)
-        _submit(env, dash, out, steps=2)
+        _, seen_first = _submit(env, dash, out, steps=2, metrics=metrics)
         vm = artifact.load(out, load_backbone("tiny-sd3"), load_reward("tiny-clip"))
         m = vm.manifest
         assert m["finetuned"] and [h["step"] for h in m["history"]] == [1, 2]
         assert m["distributed"]["shards"] == 4 and m["fit"]["probe_images"] == 16
-        logs = _submit(env, dash, out, steps=3)
+        fidelity.main(["--stitch", str(out), "--json", str(tmp_path / "fid.json"), "--gallery", "24"])
+        fid = json.loads((tmp_path / "fid.json").read_text())
+        assert set(fid["r1_i2t"]) == {"clean", "tweedie", "stitchvm_cf", "stitchvm"} and fid["stitch"]["i"] == m["i"]
+        logs, seen = _submit(env, dash, out, steps=3, metrics=metrics)
+        seen = {n: max(seen.get(n, 0), seen_first.get(n, 0)) for n in BUILD_METRICS}
+        assert all(v > 0 for v in seen.values()), f"build metrics absent or zero on 127.0.0.1:{metrics}: {seen}"
         assert "reusing the closed-form fit" in logs and "resumed from step 2" in logs
         m = json.loads((out / "manifest.json").read_text())
         assert [h["step"] for h in m["history"]] == [1, 2, 3]
     finally:
         _stop_cluster(temp_dir, port)
+        shutil.rmtree(temp_dir, ignore_errors=True)

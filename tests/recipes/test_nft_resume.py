@@ -22,7 +22,6 @@ def tiny_args(out: Path, stitch: str, steps: int) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="issue #7 is open: this end-to-end check still fails; see the closing note")
 def test_resumed_run_equals_uninterrupted(random_world, random_stitches, ray_local, tmp_path):
     from nft_flux import main
 
