@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import ray
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to the job's cluster (RAY_ADDRESS, set by `ray job submit`) or start a local Ray on 127.0.0.1."""
+def init_ray(num_cpus: int | None = None, need: float = 0.0) -> None:
+    """Connect to the job's cluster (RAY_ADDRESS, set by `ray job submit`) or start a local Ray on 127.0.0.1.
+
+    A local instance gets `num_cpus` logical CPUs, else max(cores, need): `need` is the most CPUs the job's
+    actors ask for at once, so e.g. 4 stats workers of 1 CPU start on a 2-core laptop (they share the cores)
+    instead of waiting for a placement that can never happen."""
     if ray.is_initialized():
         return
     # The driver and its workers must agree: a local instance started with token auth rejects workers
@@ -21,4 +26,5 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
     else:
+        num_cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(need))
         ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", runtime_env=env)

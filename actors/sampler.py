@@ -79,7 +79,7 @@ class InferenceConfig:
     seed: int = 0  # prompt k uses seed + k
     out: str = "outputs/inference"
     tiny_dir: str | None = None  # a rebuilt tiny world (forwarded to every actor)
-    ray_num_cpus: int = 0  # CPUs of a local Ray instance (0: all); ignored when joining a cluster
+    ray_num_cpus: int = 0  # local Ray CPUs (0: max(cores, what the actors ask)); ignored on a cluster
     run_name: str = ""  # the metrics' run tag (default: the name of out)
     placement: Placement = field(default_factory=Placement)
 

@@ -156,7 +156,7 @@ class BuildStitchConfig(StitchBuildConfig):
 
     stats: StatsConfig = field(default_factory=StatsConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
-    ray_num_cpus: int = 0  # CPUs of a local Ray instance (0: all); ignored when joining a cluster
+    ray_num_cpus: int = 0  # local Ray CPUs (0: max(cores, what the workers ask)); ignored on a cluster
     reuse_fit: bool = True  # skip the statistics when out/ holds a closed-form fit of the same FIT_KEYS
     data_shard_rows: int = 512  # rows per Parquet file when the tiny world is written out
     run_name: str = ""  # the metrics' run tag (default: the name of out)
@@ -294,7 +294,8 @@ def run(cfg: BuildStitchConfig) -> Path:
         print(f"warning: out={cfg.out} is relative: under `ray job submit` it lands in the job's temporary "
               "working directory; pass an absolute path on shared storage")
     out.mkdir(parents=True, exist_ok=True)
-    init_ray(cfg.ray_num_cpus or None)
+    stages = (cfg.stats.workers * cfg.stats.num_cpus, cfg.learner.num_workers * cfg.learner.num_cpus)
+    init_ray(cfg.ray_num_cpus or None, need=max(stages) + 1)  # the stages run one after the other
     tags = {"role": "stats", "recipe": "build_stitch", "run": cfg.run_name or out.name}
     env = worker_env(cfg)
     probe_dir, finetune_dir = prepare_data(cfg, out)

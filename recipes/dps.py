@@ -73,7 +73,8 @@ def options(cfg: InferenceConfig) -> dict:
 def run(cfg: DPSConfig) -> dict:
     """Place the value pool and the rollout actors, guide every prompt, write images and rewards."""
     out = Path(cfg.out)
-    init_ray(cfg.ray_num_cpus or None)
+    init_ray(cfg.ray_num_cpus or None, need=sum(r.num_workers * r.num_cpus for r in (cfg.placement.rollout,
+                                                                                   cfg.placement.value)))
     tags = {"recipe": "dps", "run": cfg.run_name or out.name}
     prompts = load_prompts(cfg.prompts, cfg.num_prompts)
     seeds = [cfg.seed + k for k in range(len(prompts))]

@@ -122,7 +122,7 @@ def start(cfg: RecipeConfig, resume_id: str | None = None, start_iteration: int 
     # A local instance gets enough logical CPUs for every role: the loop is synchronous, so roles take turns.
     # On a busy machine Python workers can take over a minute to import torch; Ray's 60 s default kills them.
     os.environ.setdefault("RAY_worker_register_timeout_seconds", "600")
-    init_ray(num_cpus=max(os.cpu_count() or 1, int(need + 1)))
+    init_ray(need=need + 1)
     run = f"{cfg.recipe}-{cfg.mode}-{int(time.time())}"
     tags = {"recipe": cfg.recipe, "run": run}
     out = Path(cfg.out)

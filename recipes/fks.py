@@ -58,7 +58,8 @@ class FKSConfig(InferenceConfig):
 def run(cfg: FKSConfig) -> dict:
     """Place the value pool and the rollout actors, steer every prompt, write images, rewards and counts."""
     out = Path(cfg.out)
-    init_ray(cfg.ray_num_cpus or None)
+    init_ray(cfg.ray_num_cpus or None, need=sum(r.num_workers * r.num_cpus for r in (cfg.placement.rollout,
+                                                                                   cfg.placement.value)))
     tags = {"recipe": "fks", "run": cfg.run_name or out.name}
     prompts = load_prompts(cfg.prompts, cfg.num_prompts)
     seeds = [cfg.seed + k for k in range(len(prompts))]
