@@ -50,3 +50,15 @@ def run_watching_metrics(cmd: list[str], port: int, timeout: float, linger: floa
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()), seen
+
+
+def submit_job(cmd: list[str], metrics_port: int, timeout: float, linger: float = 25,
+               **popen) -> tuple[subprocess.CompletedProcess, dict[str, float]]:
+    """`ray job submit ...` via run_watching_metrics, retried while the head's job agent is not registered yet
+    (it comes up a little after the dashboard answers)."""
+    for _ in range(20):
+        res, seen = run_watching_metrics(cmd, metrics_port, timeout, linger, **popen)
+        if "No available agent to submit job" not in res.stdout + res.stderr:
+            break
+        time.sleep(5)
+    return res, seen

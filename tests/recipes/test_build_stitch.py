@@ -8,11 +8,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-from cluster_utils import free_port, run_watching_metrics
+from cluster_utils import free_port, submit_job
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -94,11 +93,7 @@ def _submit(env: dict, dash: int, out: Path, steps: int, metrics: int) -> tuple[
     ray = str(ROOT / ".venv" / "bin" / "ray")
     cmd = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".", "--",
            "python", "recipes/build_stitch.py", *SMALL, f"finetune.steps={steps}", f"out={out}"]
-    for _ in range(10):  # the dashboard's job agent registers a little after `ray start` returns
-        res, seen = run_watching_metrics(cmd, metrics, timeout=900, linger=0, cwd=ROOT, env=env)
-        if "No available agent to submit job" not in res.stderr:
-            break
-        time.sleep(5)
+    res, seen = submit_job(cmd, metrics, timeout=900, linger=0, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     return res.stdout + res.stderr, seen
 

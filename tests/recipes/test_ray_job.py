@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from cluster_utils import free_port, run_watching_metrics
+from cluster_utils import free_port, submit_job
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -63,7 +63,7 @@ def test_ray_job_submit_runs_the_main_recipe(random_world, random_stitches, tmp_
                f"reward.stitches=[{random_stitches['tiny-flux']}]", "rollout.prompts_per_iteration=2",
                "rollout.group_size=4", "train.micro_batch=8", "sampler.steps=6", "rollout.stop_window=[2,4]",
                "eval.num_prompts=4", "eval.every=1", "eval.grid=4", "lora.rank=4"]
-        job, seen = run_watching_metrics(cmd, metrics_port, timeout=1500, env=env, cwd=ROOT)
+        job, seen = submit_job(cmd, metrics_port, timeout=1500, env=env, cwd=ROOT)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
         assert "succeeded" in job.stdout
         summary = json.loads((out / "summary.json").read_text())
