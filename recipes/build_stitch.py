@@ -16,6 +16,9 @@ world's writer (`python -m rlstitch.tinyworld.data`).
    StitchStats; a failed shard is retried and counted once; the driver merges them (tree reduction) and
    solves every (i, j).
    The fit equals the single-process one of `python -m rlstitch.stitch.build` (same probe images and noise).
+   Workers read their row ranges straight from the Parquet files (pyarrow; only the files that overlap the
+   range), not through a Ray Data stream: a shard must hold exactly the probe batches of the single-process
+   build, with their per-batch noise seeds, for the merged statistics to match it to 1e-8.
 2. The closed-form artifact goes to out/closed_form; a re-run with the same fit settings reuses it
    (reuse_fit).
 3. Finetune: Ray Train TorchTrainer, learner.num_workers data-parallel DeepSpeed ZeRO-2 workers

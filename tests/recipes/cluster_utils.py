@@ -56,7 +56,7 @@ def submit_job(cmd: list[str], metrics_port: int, timeout: float, linger: float 
                **popen) -> tuple[subprocess.CompletedProcess, dict[str, float]]:
     """`ray job submit ...` via run_watching_metrics, retried while the head's job agent is not registered yet
     (it comes up a little after the dashboard answers)."""
-    for _ in range(20):
+    for _ in range(10):
         res, seen = run_watching_metrics(cmd, metrics_port, timeout, linger, **popen)
         if "No available agent to submit job" not in res.stdout + res.stderr:
             break

@@ -42,7 +42,9 @@ def wait_for_dashboard(port: int, proc: subprocess.Popen, timeout: float = 180) 
 def test_ray_job_submit_runs_the_main_recipe(random_world, random_stitches, tmp_path):
     from actors.metrics import TRAINING_METRICS
 
-    gcs, dash, metrics_port = free_port(), free_port(), free_port()
+    # Every port explicit: a session-wide test cluster (ray_local) already holds Ray's defaults, and a job agent
+    # that cannot bind its port leaves `ray job submit` answering "No available agent" forever.
+    gcs, dash, metrics_port, agent, client = (free_port() for _ in range(5))
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
     env = os.environ | {"PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
                         "RAY_metrics_report_interval_ms": "2000",  # short-lived processes export before they exit
@@ -52,7 +54,8 @@ def test_ray_job_submit_runs_the_main_recipe(random_world, random_stitches, tmp_
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
          "--num-cpus=2", f"--port={gcs}", f"--dashboard-port={dash}",
-         f"--metrics-export-port={metrics_port}", "--include-dashboard=true", f"--temp-dir={temp}",
+         f"--metrics-export-port={metrics_port}", f"--dashboard-agent-listen-port={agent}",
+         f"--ray-client-server-port={client}", "--include-dashboard=true", f"--temp-dir={temp}",
          "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
