@@ -27,6 +27,11 @@ class RoleSpec:
     strategy: str = "PACK"  # placement strategy of the group's bundles
     ready_timeout_s: float = 120.0  # how long to wait for the cluster to fit the group
 
+    @property
+    def cpus(self) -> float:
+        """CPUs the whole group reserves."""
+        return self.num_workers * self.num_cpus
+
     def validate(self, role: str) -> None:
         """Clear errors for impossible requests."""
         if self.num_workers < 1:

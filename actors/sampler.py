@@ -114,6 +114,17 @@ class InferenceConfig:
                 "reward_path": self.reward_path, "tiny_dir": self.tiny_dir}
 
 
+def begin(cfg: InferenceConfig, recipe: str) -> tuple[dict, list[str], list[int]]:
+    """Ray (a local instance sized for the rollout and value actors), the run's metric tags, its prompts and
+    their noise seeds."""
+    from actors.runtime import init_ray
+
+    init_ray(cfg.ray_num_cpus or None, need=cfg.placement.rollout.cpus + cfg.placement.value.cpus)
+    prompts = load_prompts(cfg.prompts, cfg.num_prompts)
+    tags = {"recipe": recipe, "run": cfg.run_name or Path(cfg.out).name}
+    return tags, prompts, [cfg.seed + k for k in range(len(prompts))]
+
+
 def load_prompts(path: str, n: int) -> list[str]:
     """The first n prompts of a file (one per line, blank lines skipped), or the tiny world's held-out captions."""
     if not path:

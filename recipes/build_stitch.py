@@ -297,7 +297,7 @@ def run(cfg: BuildStitchConfig) -> Path:
         print(f"warning: out={cfg.out} is relative: under `ray job submit` it lands in the job's temporary "
               "working directory; pass an absolute path on shared storage")
     out.mkdir(parents=True, exist_ok=True)
-    stages = (cfg.stats.workers * cfg.stats.num_cpus, cfg.learner.num_workers * cfg.learner.num_cpus)
+    stages = (cfg.stats.role().cpus, cfg.learner.cpus)
     init_ray(cfg.ray_num_cpus or None, need=max(stages) + 1)  # the stages run one after the other
     tags = {"role": "stats", "recipe": "build_stitch", "run": cfg.run_name or out.name}
     env = worker_env(cfg)

@@ -25,8 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `python recipes/dps.py` from a clone or from Ray's working-dir copy
 
 from actors.group import ActorGroup  # noqa: E402
-from actors.runtime import init_ray  # noqa: E402
-from actors.sampler import InferenceConfig, SamplerActor, load_prompts, run_chunks, write_outputs  # noqa: E402
+from actors.sampler import InferenceConfig, SamplerActor, begin, run_chunks, write_outputs  # noqa: E402
 from actors.value import ValueActorPool  # noqa: E402
 from rlstitch.config import ConfigError, load_config, to_dict  # noqa: E402
 
@@ -73,11 +72,7 @@ def options(cfg: InferenceConfig) -> dict:
 def run(cfg: DPSConfig) -> dict:
     """Place the value pool and the rollout actors, guide every prompt, write images and rewards."""
     out = Path(cfg.out)
-    init_ray(cfg.ray_num_cpus or None, need=sum(r.num_workers * r.num_cpus for r in (cfg.placement.rollout,
-                                                                                   cfg.placement.value)))
-    tags = {"recipe": "dps", "run": cfg.run_name or out.name}
-    prompts = load_prompts(cfg.prompts, cfg.num_prompts)
-    seeds = [cfg.seed + k for k in range(len(prompts))]
+    tags, prompts, seeds = begin(cfg, "dps")
     pool = ValueActorPool(cfg.value_spec(), cfg.placement.value, cfg.value.policy, tags)
     rollout = ActorGroup(SamplerActor, cfg.placement.rollout, cfg.models(), pool.client, tags=tags, role="rollout")
     try:

@@ -27,7 +27,7 @@ from actors.value import ValueActor, ValueClient, ValueSpec  # noqa: E402
 from rlstitch.config import ConfigError, load_config, to_dict  # noqa: E402
 from rlstitch.models.registry import BACKBONES  # noqa: E402
 from rlstitch.train.config import RecipeConfig  # noqa: E402
-from rlstitch.train.policy import PromptStream, load_prompts  # noqa: E402
+from rlstitch.train.policy import VOCABULARY, PromptStream, draw_stops, load_prompts  # noqa: E402
 from rlstitch.train.run import RunLogger, find_resume, image_grid, load_run, save_run  # noqa: E402
 from rlstitch.train.scoring import LazyCleanReward, Scorer  # noqa: E402
 
@@ -118,7 +118,7 @@ def start(cfg: RecipeConfig, resume_id: str | None = None, start_iteration: int 
     """Ray (joined or local), value actors, rollout workers, the learner group and the logger."""
     tiny = os.environ.get("RLSTITCH_TINY_DIR")
     roles = [role(cfg, r) for r in ("rollout", "value", "learner")]
-    need = sum(r.num_workers * r.num_cpus for r in roles) + 2 * roles[1].num_cpus * roles[1].num_workers
+    need = sum(r.cpus for r in roles) + 2 * roles[1].cpus
     # A local instance gets enough logical CPUs for every role: the loop is synchronous, so roles take turns.
     # On a busy machine Python workers can take over a minute to import torch; Ray's 60 s default kills them.
     os.environ.setdefault("RAY_worker_register_timeout_seconds", "600")
@@ -258,3 +258,50 @@ def finish(world: World, state: DriverState, wall_s: float) -> dict:
                "final_clean_reward": hist[-1]["clean_reward"] if hist else None, "history": hist}
     world.log.finish(summary)
     return summary
+
+
+# --------------------------------------------------------------------------------------------- run skeleton
+
+
+def open_run(recipe: str, argv: list[str] | None) -> tuple[RecipeConfig, DriverState, World, tuple[list, list]]:
+    """Config, actors and driver state of a run: resumed from its last checkpoint if any, the rollout workers
+    given the full weights, and the untrained generator evaluated on a fresh run. Returns (cfg, state, world,
+    (eval prompts, eval seeds)); the caller shuts the world down."""
+    cfg = parse(recipe, argv)
+    resume, info = peek_resume(cfg)
+    state = new_state(cfg)
+    world = start(cfg, resume_id=info.get("wandb_id"), start_iteration=int(info.get("iteration", 0)))
+    try:
+        if resume:
+            restore(world, state, resume)
+        sync_rollouts(world, state.version, full=True)  # first sync: base + adapter; later ones adapter-only
+        k = f" K={cfg.draft.k}" if cfg.algorithm == "draft" else ""
+        world.log.info(f"{cfg.recipe} mode={cfg.mode}{k}: {cfg.iterations} iterations x "
+                       f"{cfg.train.updates_per_iteration} steps, {cfg.batch_size} rollouts per iteration. {VOCABULARY}.")
+        evals = eval_set(cfg)
+        if state.iteration == 0:
+            evaluate(world, state, *evals)  # the untrained generator
+    except BaseException:
+        world.shutdown()
+        raise
+    return cfg, state, world, evals
+
+
+def draw_batch(cfg: RecipeConfig, state: DriverState) -> tuple[list[str], list[int], list[int]]:
+    """The next iteration's prompts (group_size copies of each), noise seeds and stop steps, from the run's RNG."""
+    P, G = cfg.rollout.prompts_per_iteration, cfg.rollout.group_size
+    prompts = [p for p in state.prompts.next(P) for _ in range(G)]
+    seeds = torch.randint(0, 2**31 - 1, (P * G,), generator=state.rng).tolist()
+    stops = draw_stops(P * G, cfg.stop_window, cfg.sampler.steps, state.rng,
+                       G if cfg.rollout.tau_per == "group" else 1)
+    return prompts, seeds, stops
+
+
+def end_iteration(world: World, state: DriverState, evals: tuple[list, list]) -> None:
+    """Evaluate and checkpoint when the schedule (or the last iteration) says so."""
+    cfg = world.cfg
+    last = state.iteration == cfg.iterations
+    if last or (cfg.eval.every and state.iteration % cfg.eval.every == 0):
+        evaluate(world, state, *evals)
+    if last or (cfg.checkpoint.every and state.iteration % cfg.checkpoint.every == 0):
+        save(world, state)

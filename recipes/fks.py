@@ -29,8 +29,7 @@ if str(ROOT) not in sys.path:
 from dataclasses import asdict  # noqa: E402
 
 from actors.group import ActorGroup  # noqa: E402
-from actors.runtime import init_ray  # noqa: E402
-from actors.sampler import InferenceConfig, SamplerActor, load_prompts, run_chunks, write_outputs  # noqa: E402
+from actors.sampler import InferenceConfig, SamplerActor, begin, run_chunks, write_outputs  # noqa: E402
 from actors.value import ValueActorPool  # noqa: E402
 from recipes.dps import options, parse  # noqa: E402
 from rlstitch.config import ConfigError, to_dict  # noqa: E402
@@ -58,11 +57,7 @@ class FKSConfig(InferenceConfig):
 def run(cfg: FKSConfig) -> dict:
     """Place the value pool and the rollout actors, steer every prompt, write images, rewards and counts."""
     out = Path(cfg.out)
-    init_ray(cfg.ray_num_cpus or None, need=sum(r.num_workers * r.num_cpus for r in (cfg.placement.rollout,
-                                                                                   cfg.placement.value)))
-    tags = {"recipe": "fks", "run": cfg.run_name or out.name}
-    prompts = load_prompts(cfg.prompts, cfg.num_prompts)
-    seeds = [cfg.seed + k for k in range(len(prompts))]
+    tags, prompts, seeds = begin(cfg, "fks")
     pool = ValueActorPool(cfg.value_spec(), cfg.placement.value, cfg.value.policy, tags) if cfg.fk.uses_value else None
     client = pool.client if pool is not None else None
     rollout = ActorGroup(SamplerActor, cfg.placement.rollout, cfg.models(), client, tags=tags, role="rollout")
