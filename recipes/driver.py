@@ -234,9 +234,10 @@ def evaluate(world: World, state: DriverState, prompts: list[str], seeds: list[i
 def log_iteration(world: World, state: DriverState, stats: dict, reward_parts: dict, reward, tau, sync: dict,
                   seconds: dict) -> None:
     """One line of training metrics per iteration (wandb, jsonl, dashboard, progress bar)."""
-    cfg = world.cfg
     metrics = {f"train/{k}": v for k, v in stats.items() if k != "step"}
-    metrics |= {"time/train_s": state.train_s, "train/reward_mean": float(reward.mean()), "train/reward_std": float(reward.std()),
+    # Population std: a DRaFT iteration may score a single rollout, whose sample std is undefined (NaN).
+    metrics |= {"time/train_s": state.train_s, "train/reward_mean": float(reward.mean()),
+                "train/reward_std": float(reward.std(correction=0)),
                 "train/tau_mean": float(tau.mean()), "train/tau_min": float(tau.min()), "train/tau_max": float(tau.max()),
                 "train/iteration": state.iteration, "train/epoch": state.prompts.epoch,
                 "sync/seconds": sync["seconds"], "sync/bytes": sync["bytes"],
@@ -245,7 +246,6 @@ def log_iteration(world: World, state: DriverState, stats: dict, reward_parts: d
     world.log.log(metrics, step=state.version)
     record("rlstitch_reward_mean", float(reward.mean()), world.tags | {"role": "driver"})
     world.log.advance({"step": state.version, "reward": float(reward.mean()), "loss": stats.get("loss", 0.0)})
-    del cfg
 
 
 def finish(world: World, state: DriverState, wall_s: float) -> dict:

@@ -55,7 +55,9 @@ def random_world(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("world")
     words = sorted({w for c in (data.sample(i).caption for i in range(300)) for w in WordTokenizer([]).split(c)})
-    save_tiny_clip(tm.build("clip", words, seed=0), tm.clip_config(words), root / "clip")
+    clip = tm.build("clip", words, seed=0)
+    save_tiny_clip(clip, tm.clip_config(words), root / "clip")
+    save_tiny_clip(clip, tm.clip_config(words), root / "text_encoder", text_only=True)
     tm.build("vae", seed=0).save_pretrained(root / "vae")
     for kind in ("sd3", "flux"):
         tm.build(kind, seed=0).save_pretrained(root / kind)

@@ -38,7 +38,7 @@ class BackboneSpec:
 
     family: str  # sd3 | flux
     hub: str  # hub id, or a folder name under TINY_DIR for tiny models
-    text: str  # text encoder: "pipeline" (the hub repo's own encoders) or a reward name (tiny)
+    text: str  # text encoder: "pipeline" (the hub repo's own encoders) or a tiny text encoder name
     vae: str  # codec name
     pack: int = 2
     guidance: float = 3.5
@@ -48,8 +48,8 @@ BACKBONES = {
     "sd35-medium": BackboneSpec("sd3", "stabilityai/stable-diffusion-3.5-medium", "pipeline", "sd35-vae"),
     "sd35-large": BackboneSpec("sd3", "stabilityai/stable-diffusion-3.5-large", "pipeline", "sd35-vae"),
     "flux-dev": BackboneSpec("flux", "black-forest-labs/FLUX.1-dev", "pipeline", "flux-vae"),
-    "tiny-sd3": BackboneSpec("sd3", "sd3", "tiny-clip", "tiny-vae"),
-    "tiny-flux": BackboneSpec("flux", "flux", "tiny-clip", "tiny-vae", pack=1, guidance=0.0),
+    "tiny-sd3": BackboneSpec("sd3", "sd3", "tiny-text", "tiny-vae"),
+    "tiny-flux": BackboneSpec("flux", "flux", "tiny-text", "tiny-vae", pack=1, guidance=0.0),
 }
 CODECS = {
     "sd35-vae": "stabilityai/stable-diffusion-3.5-medium",
@@ -135,7 +135,7 @@ def load_backbone(
     text = None
     if with_text:
         text = _pipeline_text(spec, path or spec.hub, dtype, device) if spec.text == "pipeline" else (
-            load_reward(spec.text, device=device).text_condition
+            load_text_encoder(spec.text, device=device).text_condition
         )
     if spec.family == "sd3":
         return SD3Backbone(model, text, name=name)
@@ -169,12 +169,16 @@ def _pipeline_text(spec: BackboneSpec, source: str, dtype, device):
 
 
 def _tiny_clip(d: Path, dtype, device) -> tuple[torch.nn.Module, WordTokenizer, dict]:
-    """Build the tiny open_clip CLIP from its config and load its safetensors weights."""
+    """Build the tiny open_clip CLIP from its config and load its safetensors weights (a text-only file may
+    leave the image tower out, which then stays unused)."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     cfg = json.loads((d / "config.json").read_text())
     clip = CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]))
-    clip.load_state_dict(load_file(d / "model.safetensors"))
+    missing, unexpected = clip.load_state_dict(load_file(d / "model.safetensors"), strict=False)
+    if unexpected or (missing and not (cfg.get("text_only") and all(k.startswith("visual.") for k in missing))):
+        raise ValueError(f"{d / 'model.safetensors'} does not match its config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     tok = WordTokenizer(cfg["tokenizer"]["words"], cfg["text_cfg"]["context_length"])
     return clip.to(device, dtype).eval().requires_grad_(False), tok, cfg
 
@@ -215,6 +219,14 @@ def load_reward(name: str, path: str | None = None, dtype=torch.float32, device=
     raise KeyError(f"unknown reward {name!r}; known: {sorted([*CLIP_REWARDS, 'aesthetic', 'tiny-clip', 'tiny-aesthetic'])}")
 
 
+def load_text_encoder(name: str, path: str | None = None, dtype=torch.float32, device="cpu") -> ClipReward:
+    """A tiny world's frozen text encoder (the text tower of its first CLIP), which conditions the generators."""
+    if name != "tiny-text":
+        raise KeyError(f"unknown text encoder {name!r}; known: ['tiny-text'] (real backbones use their pipeline's)")
+    clip, tok, cfg = _tiny_clip(_tiny_dir("text_encoder", path), dtype, device)
+    return ClipReward(clip, tok, name=name)
+
+
 def load_aesthetic_head(file: Path, hidden) -> AestheticMLP:
     """The aesthetic MLP from a safetensors file (input width read from the weights)."""
     state = load_file(file)
@@ -223,8 +235,9 @@ def load_aesthetic_head(file: Path, hidden) -> AestheticMLP:
     return head.eval().requires_grad_(False)
 
 
-def save_tiny_clip(clip: torch.nn.Module, cfg: dict, out: Path) -> None:
-    """Write a tiny open_clip model as config.json + model.safetensors (atomically)."""
+def save_tiny_clip(clip: torch.nn.Module, cfg: dict, out: Path, text_only: bool = False) -> None:
+    """Write a tiny open_clip model (or only its text tower) as config.json + model.safetensors (atomically)."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_save(clip.state_dict(), out / "model.safetensors")
-    atomic_write_text(out / "config.json", json.dumps(cfg, indent=2))
+    state = {k: v for k, v in clip.state_dict().items() if not (text_only and k.startswith("visual."))}
+    atomic_save(state, out / "model.safetensors")
+    atomic_write_text(out / "config.json", json.dumps({**cfg, "text_only": text_only}, indent=2))

@@ -1,5 +1,8 @@
 """Train the tiny world from scratch: VAE -> CLIP-style reward -> aesthetic head -> SD3 and FLUX generators.
 
+The generators are conditioned on the finished CLIP's text tower, saved apart as `text_encoder/` (as SD3/FLUX
+keep their own frozen text encoders), so a later change of the reward never silently changes the generators.
+
     python -m rlstitch.tinyworld.build [--out DIR] [--scale 1.0] [--only sd3,flux]
 
 Writes safetensors weights + config.json per model under DIR (default: the package's weights folder)
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rlstitch.io import atomic_save, atomic_write_text
-from rlstitch.models.registry import TINY_DIR, load_codec, load_reward, save_tiny_clip
+from rlstitch.models.registry import TINY_DIR, load_codec, load_reward, load_text_encoder, save_tiny_clip
 from rlstitch.models.tokenizer import WordTokenizer
 from rlstitch.tinyworld import data
 from rlstitch.tinyworld import models as tm
@@ -47,6 +50,8 @@ class BuildConfig:
     clip_image_steps: int = 1200  # image-tower refinement against the frozen text tower
     clip_image_batch: int = 128
     clip_image_lr: float = 5e-4
+    clip_joint_steps: int = 800  # both towers against every caption: separates captions the text tower merged
+    clip_joint_lr: float = 5e-4
     aesthetic_aux: float = 1.0  # weight of the auxiliary aesthetic regression on the image embedding
     aesthetic_steps: int = 1500
     gen_steps: int = 1200
@@ -54,6 +59,9 @@ class BuildConfig:
     gen_lr: float = 1e-3
     cfg_dropout: float = 0.1
     threads: int = 2
+
+
+STAGES = ("vae", "vae_decoder", "clip", "clip_image", "clip_joint", "aesthetic", "sd3", "flux")
 
 
 def steps(cfg: BuildConfig, n: int) -> int:
@@ -184,44 +192,65 @@ def train_clip(cfg: BuildConfig, cache: Cache, recon: torch.Tensor, words: list[
 
 
 def refine_clip_image(cfg: BuildConfig, cache: Cache, recon: torch.Tensor, out: Path) -> dict:
-    """Train the image tower further against the FROZEN text tower, with an auxiliary aesthetic target.
+    """Train the image tower further against the FROZEN text tower of the joint CLIP stage."""
+    return refine_clip(cfg, cache, recon, out, train_text=False)
 
-    The text tower conditions the generators, so it stays fixed and they need no retraining. Captions never
-    mention background, symmetry or noise; the auxiliary regression of the aesthetic label from the
-    normalised embedding stands in for the style knowledge a web-scale CLIP carries.
+
+def refine_clip_joint(cfg: BuildConfig, cache: Cache, recon: torch.Tensor, out: Path) -> dict:
+    """Train both towers against every caption: after the in-batch stage, captions that differ in one shape
+    sat at text-embedding cosine ~0.999, which capped image->text retrieval and starved the generators."""
+    return refine_clip(cfg, cache, recon, out, train_text=True)
+
+
+def refine_clip(cfg: BuildConfig, cache: Cache, recon: torch.Tensor, out: Path, train_text: bool) -> dict:
+    """Image embeddings classified against EVERY training caption, with an auxiliary aesthetic target.
+
+    Captions never mention background, symmetry or noise; the auxiliary regression of the aesthetic label from
+    the normalised embedding stands in for the style knowledge a web-scale CLIP carries.
     """
     reward = load_reward("tiny-clip", path=str(out / "clip"))
     clip = reward.clip
-    clip.visual.requires_grad_(True)
+    (clip if train_text else clip.visual).requires_grad_(True)
     clip.logit_scale.requires_grad_(True)
     uniq = sorted(set(cache.captions))
-    with torch.no_grad():
-        txt_all = F.normalize(torch.cat([clip.encode_text(reward.tokenizer(uniq[k : k + 512]))
-                                         for k in range(0, len(uniq), 512)]), dim=-1)
+
+    def caption_embeddings() -> torch.Tensor:
+        return F.normalize(torch.cat([reward._text_tower(uniq[k : k + 512])[1] for k in range(0, len(uniq), 512)]), dim=-1)
+
+    if not train_text:
+        with torch.no_grad():
+            txt_all = caption_embeddings()
     row = {c: k for k, c in enumerate(uniq)}
     label = (cache.aesthetic - cache.aesthetic.mean()) / cache.aesthetic.std()
-    aux = torch.nn.Linear(txt_all.shape[1], 1)
-    params = [*clip.visual.parameters(), clip.logit_scale, *aux.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.clip_image_lr, weight_decay=0.05)
-    g = torch.Generator().manual_seed(cfg.seed + 6)
-    total = steps(cfg, cfg.clip_image_steps)
+    aux = torch.nn.Linear(clip.text_projection.shape[1], 1)
+    params = [p for p in clip.parameters() if p.requires_grad] + [*aux.parameters()]
+    total, lr = (steps(cfg, cfg.clip_joint_steps), cfg.clip_joint_lr) if train_text else (steps(cfg, cfg.clip_image_steps), cfg.clip_image_lr)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    g = torch.Generator().manual_seed(cfg.seed + (7 if train_text else 6))
     reward.train()
-    for step in (bar := tqdm(range(total), desc="clip image tower")):
-        set_lr(opt, lr_at(step, total, cfg.clip_image_lr))
+    for step in (bar := tqdm(range(total), desc="clip joint" if train_text else "clip image tower")):
+        set_lr(opt, lr_at(step, total, lr))
         idx = torch.randint(0, len(recon), (cfg.clip_image_batch,), generator=g)
         use_rec = torch.rand(len(idx), generator=g) < cfg.recon_mix
         x = torch.where(use_rec[:, None, None, None], recon[idx], cache.images[idx])
         rows = torch.tensor([row[cache.captions[i]] for i in idx.tolist()])
         img = F.normalize(reward.embed_image(x), dim=-1)
-        logits = clip.logit_scale.exp().clamp(max=100) * img @ txt_all.T  # against every caption
+        txt = caption_embeddings() if train_text else txt_all
+        logits = clip.logit_scale.exp().clamp(max=100) * img @ txt.T  # against every caption
         loss = F.cross_entropy(logits, rows) + cfg.aesthetic_aux * F.mse_loss(aux(img).squeeze(-1), label[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     ccfg = json.loads((out / "clip" / "config.json").read_text())
-    save_tiny_clip(clip.eval(), ccfg, out / "clip")
+    save_tiny_clip(clip.eval().requires_grad_(False), ccfg, out / "clip")
     return {"steps": total}
+
+
+def export_text_encoder(out: Path) -> None:
+    """Freeze the finished CLIP's text tower as the generators' text encoder (text weights only)."""
+    reward = load_reward("tiny-clip", path=str(out / "clip"))
+    save_tiny_clip(reward.clip, json.loads((out / "clip" / "config.json").read_text()), out / "text_encoder", text_only=True)
 
 
 def train_aesthetic(cfg: BuildConfig, cache: Cache, out: Path) -> dict:
@@ -250,8 +279,8 @@ def train_aesthetic(cfg: BuildConfig, cache: Cache, out: Path) -> dict:
 
 
 def encode_captions(out: Path, captions: list[str]) -> tuple[dict, object]:
-    """Tiny-CLIP text conditions for every distinct caption (and the empty prompt)."""
-    reward = load_reward("tiny-clip", path=str(out / "clip"))
+    """Text-encoder conditions for every distinct caption (and the empty prompt)."""
+    reward = load_text_encoder("tiny-text", path=str(out / "text_encoder"))
     uniq = sorted(set(captions)) + [""]
     conds = {}
     for k in range(0, len(uniq), 512):
@@ -300,10 +329,12 @@ def train_generator(kind: str, cfg: BuildConfig, cache: Cache, latents: torch.Te
 
 def build(cfg: BuildConfig, only: set[str] | None = None) -> dict:
     """Run every stage (or those in `only`); each writes its weights and a training.json beside them."""
+    want = only or set(STAGES)
+    if unknown := want - set(STAGES):
+        raise ValueError(f"unknown build stage(s) {sorted(unknown)}; known: {', '.join(STAGES)}")
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    want = only or {"vae", "vae_decoder", "clip", "clip_image", "aesthetic", "sd3", "flux"}
     trained = {}
     n = max(256, steps(cfg, cfg.train_images))
     t0 = time.time()
@@ -322,10 +353,12 @@ def build(cfg: BuildConfig, only: set[str] | None = None) -> dict:
     stage("vae", train_vae, cfg, cache, out)
     stage("vae_decoder", refine_decoder, cfg, cache, out)
     codec = load_codec("tiny-vae", path=str(out / "vae"))
-    if {"clip", "clip_image"} & want:
+    if {"clip", "clip_image", "clip_joint"} & want:
         recon = reconstruct(codec, cache.images)
         stage("clip", train_clip, cfg, cache, recon, words, out)
         stage("clip_image", refine_clip_image, cfg, cache, recon, out)
+        stage("clip_joint", refine_clip_joint, cfg, cache, recon, out)
+        export_text_encoder(out)
     stage("aesthetic", train_aesthetic, cfg, cache, out)
     if {"sd3", "flux"} & want:
         conds, _ = encode_captions(out, cache.captions)
@@ -342,7 +375,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(TINY_DIR))
     p.add_argument("--scale", type=float, default=1.0)
-    p.add_argument("--only", default="", help="comma-separated subset of vae,vae_decoder,clip,clip_image,aesthetic,sd3,flux")
+    p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     a = p.parse_args(argv)
     cfg = BuildConfig(out=a.out, scale=a.scale, threads=a.threads)

@@ -58,3 +58,21 @@ def test_mismatched_weights_fail(tmp_path, tiny_clip_reward):
     (tmp_path / "clip" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_reward("tiny-clip", path=str(tmp_path / "clip"))
+
+
+def test_text_encoder_holds_only_the_text_tower(tmp_path, tiny_clip_reward):
+    from rlstitch.models.registry import load_text_encoder, save_tiny_clip
+    from rlstitch.tinyworld import models as tm
+    from tests.conftest import WORDS
+
+    save_tiny_clip(tiny_clip_reward.clip, tm.clip_config(WORDS), tmp_path / "te", text_only=True)
+    prompts = ["a red circle", "a blue square above a green triangle"]
+    enc = load_text_encoder("tiny-text", path=str(tmp_path / "te"))
+    torch.testing.assert_close(enc.text_condition(prompts).pooled, tiny_clip_reward.text_condition(prompts).pooled)
+    with pytest.raises(KeyError, match="unknown text encoder"):
+        load_text_encoder("t5-xxl")
+    # A full CLIP file whose config claims nothing is missing must not load a text-only file.
+    save_tiny_clip(tiny_clip_reward.clip, tm.clip_config(WORDS), tmp_path / "clip")
+    (tmp_path / "clip" / "model.safetensors").write_bytes((tmp_path / "te" / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="does not match its config.*visual"):
+        load_text_encoder("tiny-text", path=str(tmp_path / "clip"))

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 
 def test_build_few_steps(tmp_path, monkeypatch):
     from rlstitch.models.registry import load_backbone, load_codec, load_reward
-    from rlstitch.tinyworld.build import BuildConfig, build
+    from rlstitch.tinyworld.build import STAGES, BuildConfig, build
 
     cfg = BuildConfig(out=str(tmp_path), scale=0.002, threads=1)
     trained = build(cfg)
-    assert set(trained) == {"vae", "vae_decoder", "clip", "clip_image", "aesthetic", "sd3", "flux"}
+    assert set(trained) == set(STAGES)
     for name in trained:
         info = json.loads((tmp_path / name / "training.json").read_text())
         assert info["steps"] >= 2 and info["seconds"] > 0
@@ -25,3 +27,14 @@ def test_build_few_steps(tmp_path, monkeypatch):
     bb = load_backbone("tiny-flux")
     with torch.no_grad():
         assert bb.velocity(codec.encode(x), 0.5, bb.encode_prompts(["a red circle", "a blue square"])).shape == (2, 4, 8, 8)
+    # The generators' text encoder is the finished CLIP's text tower, stored apart from the reward.
+    prompts = ["a red circle left of a blue square"]
+    assert torch.equal(bb.encode_prompts(prompts).pooled, load_reward("tiny-clip").text_condition(prompts).pooled)
+    assert not any(k.startswith("visual.") for k in load_file(tmp_path / "text_encoder" / "model.safetensors"))
+
+
+def test_build_rejects_unknown_stage(tmp_path):
+    from rlstitch.tinyworld.build import BuildConfig, build
+
+    with pytest.raises(ValueError, match="unknown build stage.*clip_text"):
+        build(BuildConfig(out=str(tmp_path), scale=0.002, threads=1), {"clip_text"})
