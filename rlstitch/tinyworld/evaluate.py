@@ -27,6 +27,18 @@ from rlstitch.tinyworld import data
 
 GALLERY = 500
 GEN_CAPTIONS = 100
+# Every model folder the card lists, with its one-line description (also the order of the card's table).
+CARD_MODELS = (
+    ("vae", "AutoencoderKL"),
+    ("vae_decoder", "decoder-only refinement (same file)"),
+    ("clip", "open_clip CLIP (ViT 6x64, text 4x64)"),
+    ("clip_image", "image tower vs frozen text + aesthetic auxiliary (same file)"),
+    ("clip_joint", "both towers vs every caption + aesthetic auxiliary (same file)"),
+    ("text_encoder", "the finished CLIP's text tower, frozen: conditions the generators"),
+    ("aesthetic", "LAION-style MLP"),
+    ("sd3", "SD3Transformer2DModel (8 blocks)"),
+    ("flux", "FluxTransformer2DModel (4+4 blocks)"),
+)
 CFG_SCALE = 6.0  # chosen on 100 val captions over {3, 4, 5, 6, 7} (best mean gen_clip_r1 of both generators)
 
 
@@ -154,7 +166,7 @@ def evaluate(grid: Path | None = None) -> dict:
 def write_card(res: dict, root: Path) -> None:
     """card.json and CARD.md beside the weights: sizes, FLOPs, training time, quality figures."""
     sizes, training = {}, {}
-    for name in ("vae", "vae_decoder", "clip", "clip_image", "clip_joint", "text_encoder", "aesthetic", "sd3", "flux"):
+    for name, _ in CARD_MODELS:
         sizes[name] = sum(f.stat().st_size for f in (root / name).glob("*.safetensors"))
         tj = root / name / "training.json"
         if tj.exists():
@@ -172,12 +184,7 @@ def write_card(res: dict, root: Path) -> None:
         "| model | class | file MB | train steps | train s |", "|---|---|---|---|---|",
         *[f"| {n} | {c} | {sizes[n] / 1e6:.2f} | {training.get(n, {}).get('steps', '-')} | "
           f"{training.get(n, {}).get('seconds', '-')} |"
-          for n, c in [("vae", "AutoencoderKL"), ("vae_decoder", "decoder-only refinement (same file)"), ("clip", "open_clip CLIP (ViT 6x64, text 4x64)"),
-                       ("clip_image", "image tower vs frozen text + aesthetic auxiliary (same file)"),
-                       ("clip_joint", "both towers vs every caption + aesthetic auxiliary (same file)"),
-                       ("text_encoder", "the finished CLIP's text tower, frozen: conditions the generators"),
-                       ("aesthetic", "LAION-style MLP"), ("sd3", "SD3Transformer2DModel (8 blocks)"),
-                       ("flux", "FluxTransformer2DModel (4+4 blocks)")]], "",
+          for n, c in CARD_MODELS], "",
         f"FLOPs per sample and call: SD3 generator {f['generator_sd3'] / 1e6:.1f} M, FLUX generator "
         f"{f['generator_flux'] / 1e6:.1f} M, VAE decoder {f['vae_decoder'] / 1e6:.1f} M, reward image tower "
         f"{f['reward_image_tower'] / 1e6:.1f} M (generator / reward = {f['generator_sd3'] / f['reward_image_tower']:.1f}x).", "",
