@@ -15,7 +15,7 @@ JSON: dps[method] = {reward, sec_per_sample, peak_mb, scale} for flow, tweedie, 
 StitchVM point at or above Tweedie N=14's reward over Tweedie N=14's (null if none reaches it); plus the sweeps,
 process CPU seconds beside every wall-clock figure (robust when other jobs load the machine),
 ratios, settings, and per FK point a load-independent compute figure (GFLOP per prompt from the counted
-evaluations and each network's FLOPs). --quick (16 DPS / 6 FKS prompts, 10 steps) finishes well under 20 minutes on 2 CPU cores.
+evaluations and each network's FLOPs). --quick (32 DPS / 24 FKS prompts, 10 steps) finishes in about 12 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from rlstitch.sampling import fk  # noqa: E402
 from rlstitch.sampling.flow import FlowSampler  # noqa: E402
 from rlstitch.sampling.guidance import dps_sample  # noqa: E402
 from rlstitch.stitch import artifact  # noqa: E402
-from rlstitch.tinyworld.evaluate import held_out_prompts  # noqa: E402
+from rlstitch.tinyworld.evaluate import CFG_SCALE, held_out_prompts  # noqa: E402
 from rlstitch.value.estimators import Tweedie  # noqa: E402
 
 TWEEDIE_N = (2, 4, 8, 14)
@@ -51,7 +51,7 @@ BON_N = (2, 4, 8, 14)
 # world (measured), so one shared grid would leave one of them far from its best scale.
 FULL = {"dps_prompts": 64, "fks_prompts": 24, "steps": 20, "batch": 8, "resample_every": 4,
         "scales": {"tweedie": (0.03, 0.1, 0.3, 1.0, 3.0), "stitchvm": (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)}}
-QUICK = {"dps_prompts": 16, "fks_prompts": 6, "steps": 10, "batch": 8, "resample_every": 2,
+QUICK = {"dps_prompts": 32, "fks_prompts": 24, "steps": 10, "batch": 8, "resample_every": 2,
          "scales": {"tweedie": (0.1, 0.3, 1.0), "stitchvm": (1.0, 3.0, 10.0, 30.0)}}
 
 
@@ -313,14 +313,14 @@ def print_table(res: dict) -> None:
 def main(argv=None) -> dict:
     """CLI."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="16 DPS / 6 FKS prompts, 10 steps, small scale grids")
+    p.add_argument("--quick", action="store_true", help="32 DPS / 24 FKS prompts, 10 steps, small scale grids")
     p.add_argument("--json", default="outputs/benchmarks/inference_alignment.json")
     p.add_argument("--plot", default=None, help="PNG of the FK curves (default: beside the JSON)")
     p.add_argument("--stitch", default="tiny-sd3_tiny-clip", help="StitchVM artifact name or folder")
     p.add_argument("--prompts", type=int, default=0, help="override the number of held-out prompts")
     p.add_argument("--scales", default="", help="comma-separated DPS guidance scales for both methods (override)")
     p.add_argument("--lam", type=float, default=10.0, help="FK potential lambda (SPEC default 10)")
-    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="classifier-free guidance (tiny world's evaluation CFG)")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     args.plot = args.plot or str(Path(args.json).with_suffix(".png"))

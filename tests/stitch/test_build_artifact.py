@@ -126,6 +126,8 @@ def test_fidelity_benchmark_reports_every_method(built, random_world, tmp_path):
         for m in METHODS:
             assert set(res[key][m]) == set(TIMES) and all(0 <= v <= 1 for v in res[key][m].values())
     assert len(set(res["r1_i2t"]["clean"].values())) == 1  # clean: one figure under every t
+    assert set(res["cos_to_clean"]) == set(METHODS) - {"clean"}
+    assert all(-1 <= v <= 1 for row in res["cos_to_clean"].values() for v in row.values())
     for m in ("stitchvm", "tweedie"):
         assert res["cost"][m]["value_ms"] > 0 and res["cost"][m]["grad_peak_mb"] > 0
     assert res["gallery_size"] == 40 and (tmp_path / "fid.png").stat().st_size > 1000
