@@ -19,7 +19,8 @@ def load_benchmark():
 
 
 @pytest.mark.slow
-def test_quick_run_reports_every_figure_with_counted_evaluations(tmp_path):
+def test_quick_run_reports_every_figure_with_counted_evaluations(tmp_path, monkeypatch):
+    monkeypatch.delenv("RLSTITCH_TINY_DIR", raising=False)  # the committed tiny world, even after random_world
     bench = load_benchmark()
     out = tmp_path / "inf.json"
     bench.main(["--quick", "--prompts", "2", "--scales", "1.0", "--json", str(out)])
