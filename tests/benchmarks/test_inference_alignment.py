@@ -1,27 +1,19 @@
 """The inference-alignment benchmark end to end on two prompts: its JSON keys and its evaluation counts."""
 
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-STEPS = 10  # the --quick grid
-
-
-def load_benchmark():
-    """benchmarks/ is a folder of scripts, not a package."""
-    spec = importlib.util.spec_from_file_location("inference_alignment", ROOT / "benchmarks" / "inference_alignment.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 
 @pytest.mark.slow
 def test_quick_run_reports_every_figure_with_counted_evaluations(tmp_path, monkeypatch):
     monkeypatch.delenv("RLSTITCH_TINY_DIR", raising=False)  # the committed tiny world, even after random_world
-    bench = load_benchmark()
+    import inference_alignment as bench
+
     out = tmp_path / "inf.json"
     bench.main(["--quick", "--prompts", "2", "--scales", "1.0", "--json", str(out)])
     res = json.loads(out.read_text())
@@ -30,11 +22,13 @@ def test_quick_run_reports_every_figure_with_counted_evaluations(tmp_path, monke
         assert res["dps"][m]["sec_per_sample"] > 0 and res["dps"][m]["peak_mb"] > 0
     assert [(p["N"], p["M"]) for p in res["fks"]["tweedie"]] == [(n, 1) for n in bench.TWEEDIE_N]
     assert [(p["N"], p["M"]) for p in res["fks"]["stitchvm"]] == list(bench.STITCH_NM)
-    resamples = len(bench.fk.resample_steps(STEPS, bench.QUICK["resample_every"], 0.2, 0.8))
+    steps, fk_defaults = bench.QUICK["steps"], bench.fk.FKConfig()
+    resamples = len(bench.fk.resample_steps(steps, bench.QUICK["resample_every"], fk_defaults.window_start,
+                                            fk_defaults.window_end))
     for p in res["fks"]["tweedie"]:  # CFG velocity (2 per particle-step) + Tweedie values (3 nets) + final decode/reward
-        assert p["nfe"] == p["N"] * (2 * STEPS + 3 * resamples + 2)
+        assert p["nfe"] == p["N"] * (2 * steps + 3 * resamples + 2)
     for p in res["fks"]["bon"]:  # no values at all
-        assert p["nfe"] == p["N"] * (2 * STEPS + 2)
+        assert p["nfe"] == p["N"] * (2 * steps + 2)
     ratio = res["fks_match_compute_ratio"]
     assert ratio is None or ratio > 0
     assert (tmp_path / "inf.png").stat().st_size > 1000
