@@ -5,17 +5,21 @@
 One process, fixed held-out prompts and seeds; every final sample is decoded and scored by the clean reward.
 
 - DPS: the flow baseline (the same SDE sampler, no guidance), Tweedie-DPS and StitchVM-DPS, each swept over a
-  grid of guidance scales: final clean reward, seconds per sample, peak memory of one batch (the best scale kept).
+  grid of guidance scales: final clean reward (the best scale kept), seconds per sample (median over the sweep's
+  runs, which all make the same network calls; the flow baseline is timed 3 times), peak memory of one batch.
 - FK steering: reward vs compute (wall seconds and counted network evaluations, per prompt) for Tweedie-FKS at
   N in {2, 4, 8, 14}, StitchVM-FKS at (N, M) in {(2,2), (4,2), (4,4), (8,4), (8,6)} and Best-of-N; a PNG of the
-  curves; the compute at which StitchVM-FKS reaches Tweedie-FKS N=14's reward.
+  curves; the compute at which StitchVM-FKS reaches Tweedie-FKS N=14's reward. StitchVM-FKS without proposals
+  (N, 1) for N in {4, 8} separates what the value's resampling and its proposals each bring.
+- Every reward comes with its standard error over prompts (reward_se); prompt k uses seed k for every method, so
+  differences between methods are paired and their standard error (dps_ratios.reward_diff_se) is smaller.
 
 JSON: dps[method] = {reward, sec_per_sample, peak_mb, scale} for flow, tweedie, stitchvm; fks[method] = list of
-{N, M, reward, wall_s, nfe} for tweedie, stitchvm, bon; fks_match_compute_ratio = wall seconds of the cheapest
+{N, M, reward, wall_s, nfe} for tweedie, stitchvm, bon (and stitchvm_m1, no proposals); fks_match_compute_ratio = wall seconds of the cheapest
 StitchVM point at or above Tweedie N=14's reward over Tweedie N=14's (null if none reaches it); plus the sweeps,
 process CPU seconds beside every wall-clock figure (robust when other jobs load the machine),
 ratios, settings, and per FK point a load-independent compute figure (GFLOP per prompt from the counted
-evaluations and each network's FLOPs). --quick (32 DPS / 24 FKS prompts, 10 steps) finishes in about 12 minutes on 2 CPU cores.
+evaluations and each network's FLOPs). --quick (32 DPS / 24 FKS prompts, 10 steps) finishes in about 14 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -47,12 +51,13 @@ from rlstitch.value.estimators import Tweedie  # noqa: E402
 TWEEDIE_N = (2, 4, 8, 14)
 STITCH_NM = ((2, 2), (4, 2), (4, 4), (8, 4), (8, 6))
 BON_N = (2, 4, 8, 14)
+STITCH_M1_N = (4, 8)  # StitchVM-FKS with resampling only (M = 1)
 # Guidance-scale grids per value model: StitchVM's latent gradients are 10-80x smaller than Tweedie's on the tiny
 # world (measured), so one shared grid would leave one of them far from its best scale.
 FULL = {"dps_prompts": 64, "fks_prompts": 24, "steps": 20, "batch": 8, "resample_every": 4,
         "scales": {"tweedie": (0.03, 0.1, 0.3, 1.0, 3.0), "stitchvm": (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)}}
 QUICK = {"dps_prompts": 32, "fks_prompts": 24, "steps": 10, "batch": 8, "resample_every": 2,
-         "scales": {"tweedie": (0.1, 0.3, 1.0), "stitchvm": (1.0, 3.0, 10.0, 30.0)}}
+         "scales": {"tweedie": (0.1, 0.3, 1.0, 3.0), "stitchvm": (1.0, 3.0, 10.0, 30.0)}}
 
 
 def load(stitch: str, device: str):
@@ -77,6 +82,19 @@ def clean_reward(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tens
         return reward.score(images, prompts).float().cpu()
 
 
+def reward_stats(rewards: list[torch.Tensor]) -> dict:
+    """Mean clean reward, its standard error over prompts, and the per-prompt rewards (for paired comparisons)."""
+    r = torch.cat(rewards).double()
+    se = float(r.std() / len(r) ** 0.5) if len(r) > 1 else None
+    return {"reward": float(r.mean()), "reward_se": se, "per_prompt": [round(float(x), 6) for x in r]}
+
+
+def paired_se(a: list[float], b: list[float]) -> float | None:
+    """Standard error of the mean per-prompt difference a - b (same prompts and seeds)."""
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    return float(d.std() / len(d) ** 0.5) if len(d) > 1 else None
+
+
 # ---------------------------------------------------------------------------------------------------- DPS
 
 
@@ -88,8 +106,8 @@ def dps_run(ctx: dict, value_model, scale: float, prompts: list[str]) -> dict:
                          cfg_scale=ctx["cfg_scale"], seeds=ss, latent_hw=ctx["latent_hw"])
         rewards.append(clean_reward(ctx["reward"], out.images, ps))
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"reward": float(torch.cat(rewards).mean()), "sec_per_sample": seconds / len(prompts),
-            "cpu_sec_per_sample": cpu / len(prompts), "scale": scale}
+    return {**reward_stats(rewards), "sec_per_sample": seconds / len(prompts), "cpu_sec_per_sample": cpu / len(prompts),
+            "scale": scale}
 
 
 def dps_peak(ctx: dict, value_model, scale: float, prompts: list[str]) -> float:
@@ -100,24 +118,43 @@ def dps_peak(ctx: dict, value_model, scale: float, prompts: list[str]) -> float:
                                       latent_hw=ctx["latent_hw"]))
 
 
-def dps_bench(ctx: dict, values: dict, prompts: list[str], scales) -> tuple[dict, dict]:
-    """The flow baseline and each value model at its best swept scale (sweeps returned too)."""
+def median_timing(runs: list[dict]) -> dict:
+    """Median seconds per sample over runs that did the same network calls (a method's cost does not depend on
+    its guidance scale), so one slow run (warm-up, a busy machine) does not decide a ratio."""
+    out = {k: float(torch.tensor([r[k] for r in runs], dtype=torch.float64).median())
+           for k in ("sec_per_sample", "cpu_sec_per_sample")}
+    return out | {"timed_runs": len(runs)}
+
+
+def dps_bench(ctx: dict, values: dict, prompts: list[str], scales, flow_repeats: int = 3) -> tuple[dict, dict]:
+    """The flow baseline and each value model at its best swept scale (sweeps returned too); seconds per sample are
+    medians over the timed runs, each method warmed up on one batch first."""
     res, sweeps = {}, {}
-    res["flow"] = {**dps_run(ctx, None, 0.0, prompts), "peak_mb": dps_peak(ctx, None, 0.0, prompts)}
+    warm = prompts[: ctx["batch"]]
+    dps_run(ctx, None, 0.0, warm)
+    flow = [dps_run(ctx, None, 0.0, prompts) for _ in range(flow_repeats)]
+    res["flow"] = {**flow[0], **median_timing(flow), "peak_mb": dps_peak(ctx, None, 0.0, prompts)}
     print(f"[dps] flow reward {res['flow']['reward']:.4f}, {res['flow']['sec_per_sample']:.3f} s/sample")
     for name in ("tweedie", "stitchvm"):
         sweeps[name] = []
+        try:
+            dps_run(ctx, values[name], scales[name][0], warm)  # warm-up, untimed
+        except ValueError:
+            pass  # the sweep below records the failure
         for s in scales[name]:
             try:
                 r = dps_run(ctx, values[name], s, prompts)
             except ValueError as e:  # e.g. a scale so large that the latent diverges (NaN)
-                r = {"reward": None, "sec_per_sample": None, "cpu_sec_per_sample": None, "scale": s, "error": str(e)}
+                r = {"reward": None, "reward_se": None, "per_prompt": None, "sec_per_sample": None,
+                     "cpu_sec_per_sample": None, "scale": s, "error": str(e)}
             sweeps[name].append(r)
             print(f"[dps] {name} scale {s}: reward {r['reward']}, {r['sec_per_sample']} s/sample")
         ok = [r for r in sweeps[name] if r["reward"] is not None]
         best = max(ok, key=lambda r: r["reward"]) if ok else dict.fromkeys(sweeps[name][0])
         peak = dps_peak(ctx, values[name], best["scale"], prompts) if ok else None
-        res[name] = {k: best[k] for k in ("reward", "sec_per_sample", "cpu_sec_per_sample", "scale")} | {"peak_mb": peak}
+        keep = ("reward", "reward_se", "per_prompt", "scale")
+        timing = median_timing(ok) if ok else {"sec_per_sample": None, "cpu_sec_per_sample": None}
+        res[name] = {k: best[k] for k in keep} | timing | {"peak_mb": peak}
     return res, sweeps
 
 
@@ -157,7 +194,7 @@ def fks_run(ctx: dict, prompts: list[str], cfg: fk.FKConfig, value_model=None) -
         rewards.append(out.rewards)  # the clean reward of each prompt's decoded final sample
     n = len(prompts)
     gflop = sum(c * ctx["flops"][k] for k, c in counter.counts.items()) / 1e9 / n
-    return {"N": cfg.particles, "M": cfg.proposals, "reward": float(torch.cat(rewards).mean()),
+    return {"N": cfg.particles, "M": cfg.proposals, **reward_stats(rewards),
             "wall_s": (time.perf_counter() - start) / n, "cpu_s": (time.process_time() - cpu) / n,
             "nfe": counter.total / n, "gflop": gflop,
             "evals": {k: v / n for k, v in counter.counts.items()}}
@@ -166,13 +203,16 @@ def fks_run(ctx: dict, prompts: list[str], cfg: fk.FKConfig, value_model=None) -
 def fks_bench(ctx: dict, values: dict, prompts: list[str], resample_every: int, lam: float) -> dict:
     """Tweedie-FKS over N, StitchVM-FKS over (N, M), Best-of-N over N."""
     common = dict(resample_every=resample_every, lam=lam, potential="diff", final_select="reward")
-    res = {"tweedie": [], "stitchvm": [], "bon": []}
+    res = {"tweedie": [], "stitchvm": [], "stitchvm_m1": [], "bon": []}
     for n in TWEEDIE_N:
         res["tweedie"].append(fks_run(ctx, prompts, fk.FKConfig(particles=n, **common), values["tweedie"]))
         print(f"[fks] tweedie {_fmt(res['tweedie'][-1])}")
     for n, m in STITCH_NM:
         res["stitchvm"].append(fks_run(ctx, prompts, fk.FKConfig(particles=n, proposals=m, **common), values["stitchvm"]))
         print(f"[fks] stitchvm {_fmt(res['stitchvm'][-1])}")
+    for n in STITCH_M1_N:
+        res["stitchvm_m1"].append(fks_run(ctx, prompts, fk.FKConfig(particles=n, **common), values["stitchvm"]))
+        print(f"[fks] stitchvm_m1 {_fmt(res['stitchvm_m1'][-1])}")
     for n in BON_N:
         res["bon"].append(fks_run(ctx, prompts, fk.FKConfig(particles=n, resample_every=0)))
         print(f"[fks] bon {_fmt(res['bon'][-1])}")
@@ -181,7 +221,7 @@ def fks_bench(ctx: dict, values: dict, prompts: list[str], resample_every: int, 
 
 def _fmt(p: dict) -> str:
     """One FK point."""
-    return f"N={p['N']} M={p['M']}: reward {p['reward']:.4f}, {p['wall_s']:.2f} s/prompt, {p['nfe']:.0f} evals/prompt"
+    return f"N={p['N']} M={p['M']}: reward {p['reward']:.4f} +- {p['reward_se'] or 0:.4f}, {p['wall_s']:.2f} s/prompt, {p['nfe']:.0f} evals/prompt"
 
 
 def interpolate(curve: list[dict], x: float, key: str = "wall_s") -> float:
@@ -216,14 +256,16 @@ def plot(fks: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
-    styles = {"tweedie": ("Tweedie-FKS (N)", "o-"), "stitchvm": ("StitchVM-FKS (N, M)", "s-"), "bon": ("Best-of-N", "^--")}
+    styles = {"tweedie": ("Tweedie-FKS (N)", "o-"), "stitchvm": ("StitchVM-FKS (N, M)", "s-"),
+              "stitchvm_m1": ("StitchVM-FKS (N, 1), no proposals", "x:"), "bon": ("Best-of-N", "^--")}
     keys = ("wall_s", "cpu_s", "nfe", "gflop")
     labels = ("wall seconds per prompt", "process CPU seconds per prompt", "network evaluations per prompt",
               "GFLOP per prompt")
     for ax, key, label in zip(axes, keys, labels):
         for name, (legend, style) in styles.items():
             pts = sorted(fks[name], key=lambda p: p[key])
-            ax.plot([p[key] for p in pts], [p["reward"] for p in pts], style, label=legend)
+            ax.errorbar([p[key] for p in pts], [p["reward"] for p in pts], yerr=[p["reward_se"] or 0 for p in pts],
+                        fmt=style, capsize=2, label=legend)
             for p in pts:
                 ax.annotate(f"{p['N']}" + (f",{p['M']}" if p["M"] > 1 else ""), (p[key], p["reward"]), fontsize=7,
                             textcoords="offset points", xytext=(3, 3))
@@ -269,7 +311,8 @@ def run(args) -> dict:
                   # the cost of guidance alone: what each method adds to the unguided sampler
                   "guidance_cpu_overhead_tweedie_over_stitchvm": (t["cpu_sec_per_sample"] - dps["flow"]["cpu_sec_per_sample"])
                   / max(s["cpu_sec_per_sample"] - dps["flow"]["cpu_sec_per_sample"], 1e-9),
-                  "peak_mb_stitchvm_over_tweedie": s["peak_mb"] / t["peak_mb"], "reward_stitchvm_minus_tweedie": s["reward"] - t["reward"]}
+                  "peak_mb_stitchvm_over_tweedie": s["peak_mb"] / t["peak_mb"], "reward_stitchvm_minus_tweedie": s["reward"] - t["reward"],
+                  "reward_diff_se": paired_se(s["per_prompt"], t["per_prompt"])}
     res = {"dps": dps, "dps_sweep": sweeps, "dps_ratios": ratios, "fks": fks,
            "fks_match_compute_ratio": match_compute_ratio(fks),
            "fks_match_cpu_ratio": match_compute_ratio(fks, "cpu_s"),
@@ -287,19 +330,19 @@ def run(args) -> dict:
 
 def print_table(res: dict) -> None:
     """The figures as text tables."""
-    print("\nDPS (best swept scale)      reward    s/sample  cpu s/sample   peak MB   scale")
+    print("\nDPS (best swept scale)      reward  +- se      s/sample  cpu s/sample   peak MB   scale")
     for name, r in res["dps"].items():
         if r["reward"] is None:
             print(f"  {name:<24} (every scale failed)")
             continue
-        print(f"  {name:<24} {r['reward']:8.4f} {r['sec_per_sample']:10.3f} {r['cpu_sec_per_sample']:13.3f}"
+        print(f"  {name:<24} {r['reward']:8.4f} {r['reward_se'] or 0:7.4f} {r['sec_per_sample']:10.3f} {r['cpu_sec_per_sample']:13.3f}"
               f" {r['peak_mb']:9.1f}   {r['scale']}")
     for k, v in res["dps_ratios"].items():
-        print(f"  {k}: {v:.3f}")
-    print("\nFK steering          N   M    reward   wall s/prompt   evals/prompt   GFLOP/prompt")
-    for name in ("tweedie", "stitchvm", "bon"):
+        print(f"  {k}: {v if v is None else round(v, 4)}")
+    print("\nFK steering          N   M    reward  +- se   wall s/prompt   evals/prompt   GFLOP/prompt")
+    for name in ("tweedie", "stitchvm", "stitchvm_m1", "bon"):
         for p in res["fks"][name]:
-            print(f"  {name:<16} {p['N']:3d} {p['M']:3d} {p['reward']:9.4f} {p['wall_s']:14.2f} {p['nfe']:14.0f}"
+            print(f"  {name:<16} {p['N']:3d} {p['M']:3d} {p['reward']:9.4f} {p['reward_se'] or 0:7.4f} {p['wall_s']:14.2f} {p['nfe']:14.0f}"
                   f" {p['gflop']:14.2f}")
     print(f"  fks_match_compute_ratio (wall s): {res['fks_match_compute_ratio']}")
     print(f"  fks_match_cpu_ratio: {res['fks_match_cpu_ratio']}")
