@@ -14,12 +14,12 @@ One process, fixed held-out prompts and seeds; every final sample is decoded and
 - Every reward comes with its standard error over prompts (reward_se); prompt k uses seed k for every method, so
   differences between methods are paired and their standard error (dps_ratios.reward_diff_se) is smaller.
 
-JSON: dps[method] = {reward, sec_per_sample, peak_mb, scale} for flow, tweedie, stitchvm; fks[method] = list of
-{N, M, reward, wall_s, nfe} for tweedie, stitchvm, bon (and stitchvm_m1, no proposals); fks_match_compute_ratio = wall seconds of the cheapest
-StitchVM point at or above Tweedie N=14's reward over Tweedie N=14's (null if none reaches it); plus the sweeps,
-process CPU seconds beside every wall-clock figure (robust when other jobs load the machine),
-ratios, settings, and per FK point a load-independent compute figure (GFLOP per prompt from the counted
-evaluations and each network's FLOPs). --quick (32 DPS / 24 FKS prompts, 10 steps) finishes in about 14 minutes on 2 CPU cores.
+JSON: dps[method] = {reward, sec_per_sample, peak_mb, scale} for flow, tweedie, stitchvm; fks[method] = list of {N,
+M, reward, wall_s, nfe} for tweedie, stitchvm, bon (and stitchvm_m1, no proposals); fks_match_compute_ratio = wall
+seconds of the cheapest StitchVM point at or above Tweedie N=14's reward over Tweedie N=14's (null if none reaches
+it); plus the sweeps, process CPU seconds beside every wall-clock figure (robust when other jobs load the machine),
+ratios, settings, and per FK point a load-independent compute figure (GFLOP per prompt from the counted evaluations
+and each network's FLOPs). --quick (32 DPS / 24 FKS prompts, 10 steps) finishes in about 14 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
