@@ -95,8 +95,16 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
 
 
+def set_trainable(student, trainable: bool) -> None:
+    """(Un)freeze every trained module. The reward tail is a copy of a frozen reward, so it arrives frozen; a
+    served value model stays frozen, so a backward through V (DRaFT, DPS) computes no weight gradients."""
+    for m in student.trainable_modules().values():
+        m.requires_grad_(trainable)
+
+
 def make_optimizer(student, cfg: FinetuneConfig) -> torch.optim.AdamW:
-    """AdamW with the stitch at lr x stitch_lr_mult."""
+    """AdamW over every trained module (unfrozen here) with the stitch at lr x stitch_lr_mult."""
+    set_trainable(student, True)
     groups = [
         {"params": list(m.parameters()), "lr": cfg.lr * (cfg.stitch_lr_mult if name == "stitch" else 1.0),
          "base_lr": cfg.lr * (cfg.stitch_lr_mult if name == "stitch" else 1.0)}
@@ -165,4 +173,5 @@ def finetune(student, reward, train: Targets, val: Targets, cfg: FinetuneConfig,
         if ckpt_dir and (done % cfg.ckpt_every == 0 or done == cfg.steps):
             save_checkpoint(Path(ckpt_dir) / f"step-{done}", modules, opt, {"data": g}, step=done, history=history)
     student.eval()
+    set_trainable(student, False)
     return history

@@ -131,3 +131,37 @@ def test_fidelity_benchmark_reports_every_method(built, random_world, tmp_path):
     for m in ("stitchvm", "tweedie"):
         assert res["cost"][m]["value_ms"] > 0 and res["cost"][m]["grad_peak_mb"] > 0
     assert res["gallery_size"] == 40 and (tmp_path / "fid.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("student", ["stitchvm", "noisy_reward"])
+def test_finetune_trains_the_reward_tower_and_leaves_the_teachers_alone(random_world, student):
+    """The tail is copied from a frozen reward: the finetune must still train it (a frozen copy once trained only
+    the stitch), never the backbone or the reward, and hand the student back frozen for serving."""
+    from rlstitch.models.registry import load_backbone, load_codec, load_reward
+    from rlstitch.stitch.finetune import FinetuneConfig, finetune, teacher_targets
+    from rlstitch.stitch.layer import StitchLayer
+    from rlstitch.stitch.probe import load_images
+    from rlstitch.stitch.vm import StitchVM
+    from rlstitch.value.noisy import NoisyReward
+
+    bb, rw, codec = load_backbone("tiny-sd3"), load_reward("tiny-clip"), load_codec("tiny-vae")
+    train = teacher_targets(rw, codec, load_images("tinyworld", 16)[0])
+    val = teacher_targets(rw, codec, load_images("tinyworld", 4, "val")[0])
+    torch.manual_seed(0)
+    if student == "stitchvm":
+        model = StitchVM(bb, rw, StitchLayer(bb.hidden_dim, rw.width, (8, 8), rw.grid), i=2, j=0)
+        tower = model.tail
+    else:
+        model = NoisyReward(rw, bb.latent_channels, (8, 8))
+        tower = model.tower
+    tower0, bb0, rw0 = ({k: v.detach().clone() for k, v in m.state_dict().items()} for m in (tower, bb, rw))
+    finetune(model, rw, train, val, FinetuneConfig(steps=2, batch=4, train_images=16, val_images=4, eval_every=2,
+                                                   warmup=1))
+    after = tower.state_dict()
+    for k in range(len(tower.blocks)):  # every block of the reward tower learnt
+        for name in ("attn.in_proj_weight", "mlp.c_fc.weight", "mlp.c_proj.weight"):
+            key = f"blocks.{k}.{name}"
+            assert not torch.equal(tower0[key], after[key]), f"{key} did not train"
+    assert all(torch.equal(v, bb.state_dict()[k]) for k, v in bb0.items())
+    assert all(torch.equal(v, rw.state_dict()[k]) for k, v in rw0.items())
+    assert not any(p.requires_grad for m in model.trainable_modules().values() for p in m.parameters())
