@@ -82,17 +82,20 @@ def clean_reward(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tens
         return reward.score(images, prompts).float().cpu()
 
 
+def standard_error(x: torch.Tensor) -> float | None:
+    """Standard error of the mean of x (None for a single value)."""
+    return float(x.double().std() / len(x) ** 0.5) if len(x) > 1 else None
+
+
 def reward_stats(rewards: list[torch.Tensor]) -> dict:
     """Mean clean reward, its standard error over prompts, and the per-prompt rewards (for paired comparisons)."""
     r = torch.cat(rewards).double()
-    se = float(r.std() / len(r) ** 0.5) if len(r) > 1 else None
-    return {"reward": float(r.mean()), "reward_se": se, "per_prompt": [round(float(x), 6) for x in r]}
+    return {"reward": float(r.mean()), "reward_se": standard_error(r), "per_prompt": [round(float(x), 6) for x in r]}
 
 
 def paired_se(a: list[float], b: list[float]) -> float | None:
     """Standard error of the mean per-prompt difference a - b (same prompts and seeds)."""
-    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    return float(d.std() / len(d) ** 0.5) if len(d) > 1 else None
+    return standard_error(torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------------------------------- DPS
