@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,9 @@ def paired_se(a: list[float], b: list[float]) -> float | None:
 # ---------------------------------------------------------------------------------------------------- DPS
 
 
+RUN_KEYS = ("reward", "reward_se", "per_prompt", "sec_per_sample", "cpu_sec_per_sample", "scale")  # one dps_run
+
+
 def dps_run(ctx: dict, value_model, scale: float, prompts: list[str]) -> dict:
     """Guided samples of every prompt at one scale: mean clean reward and seconds per sample."""
     rewards, start, cpu = [], time.perf_counter(), time.process_time()
@@ -124,8 +128,7 @@ def dps_peak(ctx: dict, value_model, scale: float, prompts: list[str]) -> float:
 def median_timing(runs: list[dict]) -> dict:
     """Median seconds per sample over runs that did the same network calls (a method's cost does not depend on
     its guidance scale), so one slow run (warm-up, a busy machine) does not decide a ratio."""
-    out = {k: float(torch.tensor([r[k] for r in runs], dtype=torch.float64).median())
-           for k in ("sec_per_sample", "cpu_sec_per_sample")}
+    out = {k: statistics.median(r[k] for r in runs) for k in ("sec_per_sample", "cpu_sec_per_sample")}
     return out | {"timed_runs": len(runs)}
 
 
@@ -148,16 +151,17 @@ def dps_bench(ctx: dict, values: dict, prompts: list[str], scales, flow_repeats:
             try:
                 r = dps_run(ctx, values[name], s, prompts)
             except ValueError as e:  # e.g. a scale so large that the latent diverges (NaN)
-                r = {"reward": None, "reward_se": None, "per_prompt": None, "sec_per_sample": None,
-                     "cpu_sec_per_sample": None, "scale": s, "error": str(e)}
+                r = dict.fromkeys(RUN_KEYS) | {"scale": s, "error": str(e)}
             sweeps[name].append(r)
             print(f"[dps] {name} scale {s}: reward {r['reward']}, {r['sec_per_sample']} s/sample")
         ok = [r for r in sweeps[name] if r["reward"] is not None]
-        best = max(ok, key=lambda r: r["reward"]) if ok else dict.fromkeys(sweeps[name][0])
-        peak = dps_peak(ctx, values[name], best["scale"], prompts) if ok else None
+        if not ok:
+            res[name] = dict.fromkeys(RUN_KEYS) | {"peak_mb": None}
+            continue
+        best = max(ok, key=lambda r: r["reward"])
         keep = ("reward", "reward_se", "per_prompt", "scale")
-        timing = median_timing(ok) if ok else {"sec_per_sample": None, "cpu_sec_per_sample": None}
-        res[name] = {k: best[k] for k in keep} | timing | {"peak_mb": peak}
+        peak = dps_peak(ctx, values[name], best["scale"], prompts)
+        res[name] = {k: best[k] for k in keep} | median_timing(ok) | {"peak_mb": peak}
     return res, sweeps
 
 

@@ -96,8 +96,8 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def set_trainable(student, trainable: bool) -> None:
-    """(Un)freeze every trained module. The reward tail is a copy of a frozen reward, so it arrives frozen; a
-    served value model stays frozen, so a backward through V (DRaFT, DPS) computes no weight gradients."""
+    """(Un)freeze every trained module. Value models are built frozen and handed back frozen, so a backward
+    through a served V (DRaFT, DPS) computes no weight gradients."""
     for m in student.trainable_modules().values():
         m.requires_grad_(trainable)
 

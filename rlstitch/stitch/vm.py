@@ -47,8 +47,9 @@ class StitchVM(ValueEstimator):
         self.backbone, self.layer, self.i, self.j = backbone, layer, i, j
         self.tail = reward.tail_module(j)
         self.latent_channels = backbone.latent_channels
-        backbone.requires_grad_(False)
-        reward.requires_grad_(False)
+        # Built frozen (backbone, reward, stitch and tail): a served V gets no weight gradients from a backward
+        # through it (DPS, DRaFT); the finetune's make_optimizer is the one place that unfreezes what it trains.
+        self.requires_grad_(False)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """What the finetune trains and checkpoints: the stitch (lr x5) and the reward tail."""

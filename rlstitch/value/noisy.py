@@ -49,7 +49,7 @@ class NoisyReward(ValueEstimator):
         self.time = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.tower = reward.tail_module(0)
         _reinit(self.tower)
-        reward.requires_grad_(False)
+        self.requires_grad_(False)  # frozen like StitchVM until make_optimizer unfreezes what it trains
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Everything but the frozen teacher reward."""

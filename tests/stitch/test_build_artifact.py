@@ -37,10 +37,16 @@ def test_build_writes_every_part(built):
 def test_artifact_loads_and_scores(built, random_world):
     from rlstitch.models.registry import load_backbone, load_reward
     from rlstitch.stitch import artifact
+    from rlstitch.value.noisy import NoisyReward
 
     vm = artifact.load(built, load_backbone("tiny-sd3"), load_reward("tiny-clip"))
-    v = vm.value(torch.randn(2, 4, 8, 8), 0.5, ["a red circle", "a blue square"])
-    assert v.shape == (2,) and torch.isfinite(v).all()
+    noisy = NoisyReward.load(built / "noisy_reward", load_reward("tiny-clip"))
+    prompts = ["a red circle", "a blue square"]
+    for model in (vm, noisy):
+        v, g = model.value_and_grad(torch.randn(2, 4, 8, 8), 0.5, prompts)
+        assert v.shape == (2,) and torch.isfinite(v).all() and g.shape == (2, 4, 8, 8)
+        # Loaded for serving: frozen, so a backward through V leaves no weight gradients behind.
+        assert all(not p.requires_grad and p.grad is None for p in model.parameters())
 
 
 def test_artifact_rejects_other_backbone_or_reward(built, random_world):
