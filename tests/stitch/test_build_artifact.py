@@ -45,8 +45,10 @@ def test_artifact_loads_and_scores(built, random_world):
     for model in (vm, noisy):
         v, g = model.value_and_grad(torch.randn(2, 4, 8, 8), 0.5, prompts)
         assert v.shape == (2,) and torch.isfinite(v).all() and g.shape == (2, 4, 8, 8)
-        # Loaded for serving: frozen, so a backward through V leaves no weight gradients behind.
-        assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+        # Loaded for serving: frozen, so a backward through V (as DRaFT does) leaves no weight gradients behind.
+        z = torch.randn(2, 4, 8, 8, requires_grad=True)
+        model.value(z, 0.5, prompts).sum().backward()
+        assert z.grad is not None and all(not p.requires_grad and p.grad is None for p in model.parameters())
 
 
 def test_artifact_rejects_other_backbone_or_reward(built, random_world):
