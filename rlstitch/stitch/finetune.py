@@ -25,9 +25,8 @@ from rlstitch.train.checkpoint import latest_checkpoint, load_checkpoint, save_c
 class FinetuneConfig:
     """Stage-2 knobs (paper: AdamW lr 1e-5, wd 0, 100 warm-up steps, batch 128; tiny world: higher lr).
 
-    The tiny-world lr and lambda_tok come from 600-step probes on tiny-sd3 x tiny-clip (README, "Finetune
-    knobs"): image->text R@1 at t=0.1 went 0.470 (lr 3e-4, lambda_tok 1) -> 0.506 (lr 1e-3) -> 0.532 (and
-    lambda_tok 0.1) -> 0.578 (lr 3e-3); lr 6e-3 fell back to 0.514, lambda_tok 0.01 to 0.532.
+    The tiny-world lr and lambda_tok were chosen by 600-step probes on tiny-sd3 x tiny-clip; the sweep and its
+    R@1 figures are in README ("Finetune knobs").
     """
 
     steps: int = 3000  # optimizer steps
