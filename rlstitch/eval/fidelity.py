@@ -104,11 +104,15 @@ def fidelity_table(methods: dict, reward, codec, n: int) -> dict:
 
 
 def peak_mb(fn) -> float:
-    """Peak memory of fn: device peak on GPU; on CPU the peak of torch's own allocations (profiler)."""
+    """Memory fn allocates above what was resident before it: on GPU the device peak minus the allocation before
+    the call; on CPU the peak of torch's own allocations during the call (profiler)."""
     if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
-        return torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
@@ -119,21 +123,26 @@ def peak_mb(fn) -> float:
     return peak / 2**20
 
 
-def cost(method, z: torch.Tensor, prompts: list[str], repeats: int = 7) -> dict:
-    """Median ms of value and value_and_grad at this batch, and the peak memory of value_and_grad."""
-    def timed(fn):
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            s = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - s))
-        return statistics.median(times)
+def median_ms(fn, repeats: int = 7) -> float:
+    """Median wall ms of fn over `repeats` calls after one warm-up (CUDA-synchronised when a GPU is present)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        s = time.perf_counter()
+        fn()
+        sync()
+        times.append(1000 * (time.perf_counter() - s))
+    return statistics.median(times)
 
-    t = torch.full((len(z),), 0.5)
+
+def cost(method, z: torch.Tensor, prompts: list[str], repeats: int = 7) -> dict:
+    """Median ms of value and value_and_grad at this batch, and the memory value_and_grad allocates."""
+    t = torch.full((len(z),), 0.5, device=z.device)
     with torch.no_grad():
-        value_ms = timed(lambda: method.value(z, t, prompts))
-    grad_ms = timed(lambda: method.value_and_grad(z, t, prompts))
+        value_ms = median_ms(lambda: method.value(z, t, prompts), repeats)
+    grad_ms = median_ms(lambda: method.value_and_grad(z, t, prompts), repeats)
     return {"value_ms": value_ms, "grad_ms": grad_ms, "grad_peak_mb": peak_mb(lambda: method.value_and_grad(z, t, prompts))}
 
 
