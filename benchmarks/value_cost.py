@@ -26,13 +26,15 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from rlstitch.eval.fidelity import cost, median_ms  # noqa: E402
+from rlstitch.eval.fidelity import cost, median_ms, peak_mb  # noqa: E402
 from rlstitch.io import atomic_write_text  # noqa: E402
 from rlstitch.models.backbone import FluxBackbone, SD3Backbone  # noqa: E402
 from rlstitch.models.codec import LatentCodec  # noqa: E402
 from rlstitch.models.condition import Condition  # noqa: E402
 from rlstitch.models.reward import ClipReward  # noqa: E402
+from rlstitch.sampling.flow import FlowSampler  # noqa: E402
 from rlstitch.sampling.generate import cfg_velocity  # noqa: E402
+from rlstitch.sampling.guidance import dps_sample  # noqa: E402
 from rlstitch.stitch.layer import StitchLayer  # noqa: E402
 from rlstitch.stitch.vm import StitchVM  # noqa: E402
 from rlstitch.value.estimators import Tweedie  # noqa: E402
@@ -126,7 +128,8 @@ def weights_mb(*modules) -> float:
     return sum(p.numel() * p.element_size() for p in seen.values()) / 2**20
 
 
-def measure(preset_name: str, reward_name: str, cuts: list[int], batch: int, device: str, dtype, repeats: int) -> dict:
+def measure(preset_name: str, reward_name: str, cuts: list[int], batch: int, device: str, dtype, repeats: int,
+            dps_steps: int = 0) -> dict:
     """Cost of Tweedie, StitchVM at each cut and one CFG velocity call, in one process."""
     preset = PRESETS[preset_name]
     backbone, codec = build_backbone(preset, device, dtype)
@@ -144,6 +147,7 @@ def measure(preset_name: str, reward_name: str, cuts: list[int], batch: int, dev
     res["tweedie"] = {**safe_cost(tweedie, z, prompts, repeats), "weights_mb": weights_mb(backbone, codec, reward)}
     print(f"tweedie: {res['tweedie']}", flush=True)
     res["stitchvm"] = {}
+    estimators = {"flow": None, "tweedie": tweedie}
     grid_u = backbone.grid((hw, hw))
     for i in cuts:
         with torch.device(device):
@@ -154,11 +158,33 @@ def measure(preset_name: str, reward_name: str, cuts: list[int], batch: int, dev
         held = [m for name, m in backbone.model.named_children() if "blocks" not in name] + blocks[:i]
         res["stitchvm"][str(i)] = {**safe_cost(vm, z, prompts, repeats), "weights_mb": weights_mb(layer, vm.tail, *held)}
         print(f"stitchvm i={i}: {res['stitchvm'][str(i)]}", flush=True)
-        del vm, layer
+        estimators[f"stitchvm i={i}"] = vm
     cfg = cfg_velocity(backbone, backbone.encode_prompts(prompts), 4.5)
     with torch.no_grad():
         res["cfg_ms"] = median_ms(lambda: cfg(z, 0.5), repeats)
+    if dps_steps:
+        res["dps"] = {name: dps_cost(name, backbone, codec, est, prompts, hw, dps_steps) for name, est in estimators.items()}
+        res["dps_steps"] = dps_steps
     return res
+
+
+def dps_cost(name: str, backbone, codec, value_model, prompts, hw: int, steps: int) -> dict:
+    """Seconds per sample and memory of one whole DPS sampling run (CFG 4.5, SDE, final decode).
+
+    The guidance scale is tiny: the cost does not depend on it, and random weights would blow a real scale up.
+    """
+    def run():
+        dps_sample(backbone, codec, value_model, prompts, scale=1e-3 if value_model else 0.0, cfg_scale=4.5,
+                   sampler=FlowSampler(steps=steps, sde=True), latent_hw=(hw, hw))
+
+    try:
+        sec = median_ms(run, 2) / 1000 / len(prompts)
+        out = {"sec_per_sample": sec, "peak_mb": peak_mb(run)}
+    except (torch.cuda.OutOfMemoryError, ValueError) as e:
+        torch.cuda.empty_cache()
+        out = {"error": str(e).splitlines()[0]}
+    print(f"dps {name}: {out}", flush=True)
+    return out
 
 
 def report(res: dict) -> None:
@@ -177,6 +203,10 @@ def report(res: dict) -> None:
         print(f"{name:<16}{c['value_ms']:>10.1f}{c['grad_ms']:>10.1f}{c['grad_peak_mb']:>13.0f}{c['weights_mb']:>12.0f}"
               f"{tw['grad_ms'] / c['grad_ms']:>13.2f}x{step:>18.2f}x")
     print(f"one CFG velocity call (the sampler's step): {res['cfg_ms']:.1f} ms")
+    if "dps" in res:
+        print(f"whole DPS sample, {res['dps_steps']} SDE steps, CFG 4.5, final decode (s/sample, work MB):")
+        for name, d in res["dps"].items():
+            print(f"  {name:<14}" + (d["error"] if "error" in d else f"{d['sec_per_sample']:.3f} s  {d['peak_mb']:.0f} MB"))
 
 
 def main(argv=None) -> dict:
@@ -189,11 +219,13 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="bf16 on GPU, fp32 on CPU")
+    p.add_argument("--dps-steps", type=int, default=0, help="also time whole DPS samples with this many steps")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
     torch.manual_seed(0)
-    res = measure(a.preset, a.reward, [int(c) for c in a.cuts.split(",")], a.batch, a.device, dtype, a.repeats)
+    cuts = [int(c) for c in a.cuts.split(",")]
+    res = measure(a.preset, a.reward, cuts, a.batch, a.device, dtype, a.repeats, a.dps_steps)
     report(res)
     if a.json:
         atomic_write_text(a.json, json.dumps(res, indent=2))

@@ -9,12 +9,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 
+@pytest.mark.slow
 def test_tiny_preset_reports_every_estimator_and_cut(tmp_path):
     import value_cost
 
     out = tmp_path / "cost.json"
     res = value_cost.main(["--preset", "tiny", "--reward", "tiny", "--cuts", "2,8", "--batch", "2", "--repeats", "1",
-                           "--device", "cpu", "--json", str(out)])
+                           "--device", "cpu", "--dps-steps", "2", "--json", str(out)])
     assert json.loads(out.read_text()) == res
     assert res["dit_blocks"] == 8 and res["latent"] == [2, 4, 8, 8] and res["cfg_ms"] > 0
     shallow, deep, tweedie = res["stitchvm"]["2"], res["stitchvm"]["8"], res["tweedie"]
@@ -24,6 +25,11 @@ def test_tiny_preset_reports_every_estimator_and_cut(tmp_path):
     assert shallow["weights_mb"] < deep["weights_mb"] < tweedie["weights_mb"]
     # backward through 2 DiT blocks + tail keeps less than backward through DiT + decoder + reward
     assert shallow["grad_peak_mb"] < tweedie["grad_peak_mb"]
+    # whole DPS samples: the guided ones cost more than the unguided sampler, StitchVM's guidance less than Tweedie's
+    assert res["dps_steps"] == 2 and set(res["dps"]) == {"flow", "tweedie", "stitchvm i=2", "stitchvm i=8"}
+    dps = res["dps"]
+    assert all(d["sec_per_sample"] > 0 for d in dps.values())
+    assert dps["flow"]["peak_mb"] < dps["stitchvm i=2"]["peak_mb"] < dps["tweedie"]["peak_mb"]
 
 
 def test_cut_outside_the_dit_is_named(tmp_path):
