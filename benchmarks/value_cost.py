@@ -8,6 +8,8 @@ architecture config with random weights (nothing is downloaded) and measures, in
 - Tweedie `value` / `value_and_grad` (denoiser + VAE decoder + reward, backward through all three);
 - StitchVM at each DiT cut i (blocks 1..i + stitch + reward tail from j, backward through those);
 - one CFG velocity call (the sampler's own cost per step), so that a DPS step costs `cfg + value_and_grad`.
+- with --dps-steps N, whole DPS samples (`dps_sample`: N SDE steps, CFG 4.5, final decode) unguided, with
+  Tweedie and with StitchVM at each cut: seconds per sample and working memory.
 Times are medians (CUDA-synchronised on a GPU); memory is what `value_and_grad` allocates above the resident
 weights (the peak minus what was allocated before the call), plus each estimator's resident weights.
 The text conditions are zeros of the real token counts (the DiT's cost does not depend on their values).
