@@ -156,7 +156,7 @@ def dps_bench(ctx: dict, values: dict, prompts: list[str], scales, flow_repeats:
             print(f"[dps] {name} scale {s}: reward {r['reward']}, {r['sec_per_sample']} s/sample")
         ok = [r for r in sweeps[name] if r["reward"] is not None]
         if not ok:
-            res[name] = dict.fromkeys(RUN_KEYS) | {"peak_mb": None}
+            res[name] = dict.fromkeys(RUN_KEYS) | {"peak_mb": None, "timed_runs": 0}  # same keys as a success
             continue
         best = max(ok, key=lambda r: r["reward"])
         keep = ("reward", "reward_se", "per_prompt", "scale")
