@@ -47,6 +47,7 @@ from rlstitch.sampling.flow import FlowSampler  # noqa: E402
 from rlstitch.sampling.guidance import dps_sample  # noqa: E402
 from rlstitch.stitch import artifact  # noqa: E402
 from rlstitch.tinyworld.evaluate import CFG_SCALE, held_out_prompts  # noqa: E402
+from rlstitch.value.base import model_device  # noqa: E402
 from rlstitch.value.estimators import Tweedie  # noqa: E402
 
 TWEEDIE_N = (2, 4, 8, 14)
@@ -172,7 +173,7 @@ def unit_flops(ctx: dict, stitch, prompt: str) -> dict[str, float]:
     """FLOPs of one evaluation (one latent) of each counted network: load-independent compute."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    z = torch.randn(1, ctx["backbone"].latent_channels, *ctx["latent_hw"])
+    z = torch.randn(1, ctx["backbone"].latent_channels, *ctx["latent_hw"], device=model_device(ctx["backbone"]))
     calls = {"denoiser": lambda: ctx["backbone"].velocity(z, 0.5),
              "stitchvm": lambda: stitch.value(z, 0.5, [prompt]),
              "decoder": lambda: ctx["codec"].decode(z),

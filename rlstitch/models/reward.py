@@ -46,8 +46,9 @@ class ClipReward(PixelReward):
         self.clip = clip
         self.tokenizer = tokenizer
         self.name = name or "clip"
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        device = next(clip.parameters()).device  # the normalisation joins the tower (a GPU in use)
+        self.register_buffer("mean", torch.tensor(mean, device=device).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, device=device).view(1, 3, 1, 1), persistent=False)
         self._text_cache: dict[str, Tensor] = {}
 
     @property

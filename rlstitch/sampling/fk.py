@@ -22,7 +22,7 @@ from torch import Tensor
 
 from rlstitch.sampling.flow import FlowSampler
 from rlstitch.sampling.generate import cfg_velocity, initial_noise
-from rlstitch.sampling.guidance import model_device
+from rlstitch.value.base import model_device
 
 POTENTIALS = ("diff", "max", "add")
 FINAL_SELECT = ("reward", "value", "none")

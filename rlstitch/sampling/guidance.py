@@ -19,18 +19,10 @@ from torch import Tensor
 
 from rlstitch.sampling.flow import FlowSampler, VelocityHook
 from rlstitch.sampling.generate import cfg_velocity, initial_noise
-from rlstitch.value.base import ValueEstimator
+from rlstitch.value.base import ValueEstimator, model_device
 
 # grad_fn(z, t, prompts) -> (value [B], grad [B, C, H, W]) — a local estimator or a remote value pool.
 GradFn = Callable[[Tensor, float, Sequence[str] | None], tuple[Tensor, Tensor]]
-
-
-def model_device(model) -> torch.device:
-    """Where a model's parameters live (cpu for parameter-free stand-ins)."""
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
 
 
 def velocity_coeff(t: float, max_coeff: float = 10.0) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from rlstitch.stitch.layer import StitchLayer
-from rlstitch.value.base import ValueEstimator
+from rlstitch.value.base import ValueEstimator, model_device
 
 
 class LatentTokens(nn.Module):
@@ -44,7 +44,8 @@ class StitchVM(ValueEstimator):
                 f"stitch layer {layer.d_u}->{layer.d_r} does not match backbone width {backbone.hidden_dim} "
                 f"and reward width {reward.width}"
             )
-        self.backbone, self.layer, self.i, self.j = backbone, layer, i, j
+        # The stitch joins the tail, a copy of the reward's blocks: both live on the reward's device.
+        self.backbone, self.layer, self.i, self.j = backbone, layer.to(model_device(reward)), i, j
         self.tail = reward.tail_module(j)
         self.latent_channels = backbone.latent_channels
         # Built frozen (backbone, reward, stitch and tail): a served V gets no weight gradients from a backward

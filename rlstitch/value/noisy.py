@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from rlstitch.io import atomic_save, atomic_write_text
 from rlstitch.models.fingerprint import fingerprint
 from rlstitch.stitch.layer import resample_tokens
-from rlstitch.value.base import ValueEstimator
+from rlstitch.value.base import ValueEstimator, model_device
 
 
 def _reinit(module: nn.Module) -> None:
@@ -49,6 +49,7 @@ class NoisyReward(ValueEstimator):
         self.time = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
         self.tower = reward.tail_module(0)
         _reinit(self.tower)
+        self.to(model_device(reward))  # the new layers join the tower copy on the teacher's device
         self.requires_grad_(False)  # frozen like StitchVM until make_optimizer unfreezes what it trains
 
     def trainable_modules(self) -> dict[str, nn.Module]:

@@ -82,3 +82,13 @@ def test_tail_module_copies_reward_tail(tiny_clip_reward):
         torch.testing.assert_close(emb, ref)
         torch.testing.assert_close(toks, ref_toks)
         assert tail.proj.data_ptr() != tiny_clip_reward.visual.proj.data_ptr()  # a copy, not a view
+
+
+def test_normalisation_buffers_follow_the_tower_device(tiny_clip_reward):
+    """A reward wrapped around a tower on another device (a GPU in use; 'meta' here) normalises there too."""
+    import copy
+
+    from rlstitch.models.reward import ClipReward
+
+    reward = ClipReward(copy.deepcopy(tiny_clip_reward.clip).to("meta"), tiny_clip_reward.tokenizer)
+    assert reward.mean.device.type == reward.std.device.type == "meta"

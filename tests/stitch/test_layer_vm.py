@@ -64,3 +64,20 @@ def test_stitchvm_rejects_a_layer_of_other_width(random_backbone, tiny_clip_rewa
 
     with pytest.raises(ValueError, match="does not match backbone width"):
         StitchVM(random_backbone, tiny_clip_reward, StitchLayer(32, 64, (8, 8), (8, 8)), i=1, j=0)
+
+
+def test_stitch_and_noisy_reward_follow_the_reward_device(random_backbone, tiny_clip_reward):
+    """A stitch built on the CPU joins the reward's device (a GPU in use; 'meta' here), as does NoisyReward."""
+    import copy
+
+    from rlstitch.stitch.vm import StitchVM
+    from rlstitch.value.noisy import NoisyReward
+
+    reward = copy.deepcopy(tiny_clip_reward).to("meta")
+    layer = StitchLayer(random_backbone.hidden_dim, reward.width, (8, 8), reward.grid)
+    vm = StitchVM(random_backbone, reward, layer, i=2, j=0)
+    assert {p.device.type for p in vm.layer.parameters()} == {"meta"}
+    assert {p.device.type for p in vm.tail.parameters()} == {"meta"}
+    noisy = NoisyReward(reward, latent_channels=4, latent_hw=(8, 8))
+    assert {p.device.type for p in noisy.trainable_modules()["net"].parameters()} == {"meta"}
+    assert noisy.cls.device.type == noisy.pos.device.type == "meta"
