@@ -111,8 +111,7 @@ def build_reward(name: str, device, dtype) -> ClipReward:
         tok = WordTokenizer(cfg["tokenizer"]["words"], cfg["text_cfg"]["context_length"])
     else:
         clip, tok = open_clip.create_model(REWARDS[name], device=device), open_clip.get_tokenizer(REWARDS[name])
-    reward = ClipReward(clip.to(device, dtype).eval().requires_grad_(False), tok, name=f"random-{name}")
-    return reward.to(device)  # its normalisation buffers too
+    return ClipReward(clip.to(device, dtype).eval().requires_grad_(False), tok, name=f"random-{name}")
 
 
 def safe_cost(method, z, prompts, repeats: int) -> dict:
