@@ -107,11 +107,9 @@ class StatsWorker:
         from rlstitch.stitch.build import StitchBuildConfig, load_models
 
         t0 = time.time()
-        self.backbone, self.reward, self.codec = load_models(StitchBuildConfig(**models))
         # A worker placed with num_gpus sees its GPU(s) only (Ray sets CUDA_VISIBLE_DEVICES).
         self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
-        for m in (self.backbone, self.reward, self.codec):
-            m.to(self.device)
+        self.backbone, self.reward, self.codec = load_models(StitchBuildConfig(**models), self.device)
         self.load_s = time.time() - t0
         self.data, self.j_max, self.fail_once = data, j_max, fail_once
         self.rank, self.world_size = rank, world_size

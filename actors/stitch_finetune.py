@@ -60,16 +60,16 @@ def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
     return rank * n // world, (rank + 1) * n // world
 
 
-def rank_targets(job: FinetuneJob, cfg, reward, codec, rank: int, world: int, device):
+def rank_targets(job: FinetuneJob, cfg, reward, codec, rank: int, world: int):
     """Teacher targets of this rank's slice of the train images, and (rank 0) of the validation images."""
     from actors.stats import read_rows
     from rlstitch.stitch.finetune import teacher_targets
 
     a, b = rank_slice(cfg.train_images, rank, world)
-    train = teacher_targets(reward, codec, read_rows(job.data, "train", a, b)[0].to(device))
+    train = teacher_targets(reward, codec, read_rows(job.data, "train", a, b)[0])
     val = None
     if rank == 0:  # only rank 0 logs the validation loss
-        val = teacher_targets(reward, codec, read_rows(job.data, "val", 0, cfg.val_images)[0].to(device))
+        val = teacher_targets(reward, codec, read_rows(job.data, "val", 0, cfg.val_images)[0])
     return train, val
 
 
@@ -151,10 +151,10 @@ def train_loop(config: dict) -> None:
     os.environ.setdefault("WORLD_SIZE", str(world))
     cfg = FinetuneConfig(**job.finetune)
     device = ray.train.torch.get_device()
-    backbone, reward, codec = load_models(StitchBuildConfig(**job.models))
-    vm = artifact.load(job.closed_form, backbone, reward).to(device)
-    codec.to(device)
-    train, val = rank_targets(job, cfg, reward, codec, rank, world, device)
+    # Every model on this worker's device: the teacher (reward, codec) makes the targets there too.
+    backbone, reward, codec = load_models(StitchBuildConfig(**job.models), device)
+    vm = artifact.load(job.closed_form, backbone, reward)
+    train, val = rank_targets(job, cfg, reward, codec, rank, world)
     micro = cfg.batch // world
     # DeepSpeed wraps only the trained modules: the frozen backbone and reward are identical on every rank, so
     # they need no broadcast (DeepSpeed's cannot send 0-d parameters such as CLIP's logit_scale anyway).

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from actors.group import ActorGroup, RoleSpec, bundle
 from actors.metrics import record
+from rlstitch.models.registry import DEVICES, resolve_device
 from rlstitch.value.base import check_latent
 
 KINDS = ("stitchvm", "tweedie", "monte_carlo")
@@ -54,8 +55,8 @@ class ValueSpec:
         """Clear errors naming the knob."""
         if self.kind not in KINDS:
             raise ValueError(f"value.kind={self.kind!r} is not one of {KINDS}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"value.device={self.device!r} must be auto, cpu or cuda")
+        if self.device not in DEVICES:
+            raise ValueError(f"value.device={self.device!r} must be one of {DEVICES}")
 
     @property
     def stitch_name(self) -> str:
@@ -72,9 +73,7 @@ def as_spec(spec: ValueSpec | Mapping | None) -> ValueSpec:
 
 def pick_device(spec: ValueSpec) -> torch.device:
     """cuda when asked or (auto) when this process sees a GPU, else cpu."""
-    if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
+    return resolve_device(spec.device, "value.device")
 
 
 def build_estimator(spec: ValueSpec, device: torch.device | str = "cpu"):

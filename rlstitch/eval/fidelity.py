@@ -1,6 +1,6 @@
 """Noisy-latent fidelity benchmark (the paper's Table 5 on the tiny world) and the cost of one value call.
 
-    python -m rlstitch.eval.fidelity --stitch DIR --json PATH --plot PNG
+    python -m rlstitch.eval.fidelity --stitch DIR --json PATH --plot PNG [--device auto|cpu|cuda]
 
 DIR is a `python -m rlstitch.stitch.build ... baselines=true` output: the finetuned StitchVM, with
 closed_form/, vae_stitch/ and noisy_reward/ inside. For every t in {0.1, 0.25, 0.5, 0.75, 0.9} it reports
@@ -24,24 +24,33 @@ from torch.profiler import ProfilerActivity, profile
 
 from rlstitch.eval.metrics import recall_at_1, spearman, unique_captions
 from rlstitch.io import atomic_write_text
-from rlstitch.models.registry import BACKBONES, load_backbone, load_codec, load_reward
+from rlstitch.models.registry import (
+    BACKBONES,
+    DEVICES,
+    load_backbone,
+    load_codec,
+    load_reward,
+    resolve_device,
+)
 from rlstitch.sampling.flow import forward_noise
 from rlstitch.stitch import artifact
 from rlstitch.stitch.vm import LatentTokens
 from rlstitch.tinyworld import data
+from rlstitch.value.base import model_device
 from rlstitch.value.estimators import Tweedie
 from rlstitch.value.noisy import NoisyReward
 
 TIMES = ("0.1", "0.25", "0.5", "0.75", "0.9")
 METHODS = ("clean", "tweedie", "vae_stitch", "noisy_reward", "stitchvm_cf", "stitchvm")
+COST_REPEATS = 21  # interleaved timing rounds (medians) for the value / value_and_grad cost
 
 
-def load_methods(stitch: Path) -> tuple[dict, object, object, object]:
-    """Every value estimator of the benchmark, from one stitch build folder."""
+def load_methods(stitch: Path, device: torch.device | str = "cpu") -> tuple[dict, object, object, object]:
+    """Every value estimator of the benchmark, from one stitch build folder, on one device."""
     manifest = artifact.read_manifest(stitch)
-    backbone = load_backbone(manifest["backbone"]["name"])
-    reward = load_reward(manifest["reward"]["name"])
-    codec = load_codec(BACKBONES[backbone.name].vae)
+    backbone = load_backbone(manifest["backbone"]["name"], device=device)
+    reward = load_reward(manifest["reward"]["name"], device=device)
+    codec = load_codec(BACKBONES[backbone.name].vae, device=device)
     ident = LatentTokens(backbone.latent_channels, name=f"latent:{backbone.name}")
     baselines = {  # method -> (sub-folder of a baselines=true build, loader)
         "vae_stitch": ("vae_stitch", lambda d: artifact.load(d, ident, reward)),
@@ -60,17 +69,17 @@ def load_methods(stitch: Path) -> tuple[dict, object, object, object]:
 
 @torch.no_grad()
 def embeddings(method, z0: torch.Tensor, t: float, seed: int, chunk: int = 125) -> torch.Tensor:
-    """Embeddings of z_t = (1-t) z0 + t eps with fixed noise."""
-    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
+    """Embeddings of z_t = (1-t) z0 + t eps with fixed noise (drawn on the CPU: the same z_t on any device)."""
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0.device)
     zt = forward_noise(z0, t, eps)
-    return torch.cat([method.embed(zt[k : k + chunk], torch.full((len(zt[k : k + chunk]),), t))
+    return torch.cat([method.embed(zt[k : k + chunk], torch.full((len(zt[k : k + chunk]),), t, device=z0.device))
                       for k in range(0, len(zt), chunk)])
 
 
 def fidelity_table(methods: dict, reward, codec, n: int) -> dict:
     """R@1 (or SRCC) per method and t on n held-out pairs."""
     b = data.batch(range(n), "val")
-    images = data.to_tensor(b["images"])
+    images = data.to_tensor(b["images"]).to(model_device(reward))
     with torch.no_grad():
         z0 = torch.cat([codec.encode(images[k : k + 250]) for k in range(0, n, 250)])
         clean = torch.cat([reward.embed_image(images[k : k + 250]) for k in range(0, n, 250)])
@@ -125,25 +134,39 @@ def peak_mb(fn) -> float:
 
 def median_ms(fn, repeats: int = 7) -> float:
     """Median wall ms of fn over `repeats` calls after one warm-up (CUDA-synchronised when a GPU is present)."""
+    return interleaved_ms({"fn": fn}, repeats)["fn"]
+
+
+def interleaved_ms(fns: dict, repeats: int = 7) -> dict:
+    """Median wall ms of each fn over `repeats` rounds that call every fn once in turn, after one warm-up each:
+    a slow spell of a shared machine then falls on all of them alike, and their ratios hold."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        s = time.perf_counter()
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(1000 * (time.perf_counter() - s))
-    return statistics.median(times)
+    sync()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            s = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(1000 * (time.perf_counter() - s))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def cost(method, z: torch.Tensor, prompts: list[str], repeats: int = 7) -> dict:
     """Median ms of value and value_and_grad at this batch, and the memory value_and_grad allocates."""
+    return costs({"method": method}, z, prompts, repeats)["method"]
+
+
+def costs(methods: dict, z: torch.Tensor, prompts: list[str], repeats: int = 7) -> dict:
+    """`cost` of several methods, timed in interleaved rounds so that their ratios are fair on a busy machine."""
     t = torch.full((len(z),), 0.5, device=z.device)
     with torch.no_grad():
-        value_ms = median_ms(lambda: method.value(z, t, prompts), repeats)
-    grad_ms = median_ms(lambda: method.value_and_grad(z, t, prompts), repeats)
-    return {"value_ms": value_ms, "grad_ms": grad_ms, "grad_peak_mb": peak_mb(lambda: method.value_and_grad(z, t, prompts))}
+        value = interleaved_ms({k: (lambda m=m: m.value(z, t, prompts)) for k, m in methods.items()}, repeats)
+    grad = interleaved_ms({k: (lambda m=m: m.value_and_grad(z, t, prompts)) for k, m in methods.items()}, repeats)
+    return {k: {"value_ms": value[k], "grad_ms": grad[k], "grad_peak_mb": peak_mb(lambda m=m: m.value_and_grad(z, t, prompts))}
+            for k, m in methods.items()}
 
 
 def plot(res: dict, path: Path) -> None:
@@ -171,21 +194,24 @@ def plot(res: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def run(stitch: Path, n: int = 500) -> dict:
+def run(stitch: Path, n: int = 500, device: str = "auto") -> dict:
     """The whole benchmark."""
     t0 = time.time()
-    methods, backbone, reward, codec = load_methods(stitch)
+    dev = resolve_device(device, "--device")
+    methods, backbone, reward, codec = load_methods(stitch, dev)
     res = fidelity_table(methods, reward, codec, n)
     b = data.batch(range(16), "test")
     with torch.no_grad():
-        z = codec.encode(data.to_tensor(b["images"]))
+        z = codec.encode(data.to_tensor(b["images"]).to(dev))
     prompts = list(b["captions"])
-    res["cost"] = {m: cost(methods[m], z, prompts) for m in ("stitchvm", "tweedie")}
+    res["cost"] = costs({m: methods[m] for m in ("stitchvm", "tweedie")}, z, prompts, repeats=COST_REPEATS)
     res["cost"]["batch"] = 16
+    res["cost"]["repeats"] = COST_REPEATS
     res["cost"]["speedup_grad"] = res["cost"]["tweedie"]["grad_ms"] / res["cost"]["stitchvm"]["grad_ms"]
     res["cost"]["memory_ratio_grad"] = res["cost"]["stitchvm"]["grad_peak_mb"] / res["cost"]["tweedie"]["grad_peak_mb"]
     res["stitch"] = {"i": methods["stitchvm"].i, "j": methods["stitchvm"].j, "backbone": backbone.name,
                      "reward": reward.name}
+    res["device"] = str(dev)
     res["seconds"] = round(time.time() - t0, 1)
     return res
 
@@ -214,8 +240,9 @@ def main(argv=None) -> None:
     p.add_argument("--json", required=True)
     p.add_argument("--plot", default=None, help="PNG (default: beside the JSON)")
     p.add_argument("--gallery", type=int, default=500, help="held-out image/caption pairs")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: cuda when this process sees a GPU")
     a = p.parse_args(argv)
-    res = run(Path(a.stitch), a.gallery)
+    res = run(Path(a.stitch), a.gallery, a.device)
     atomic_write_text(a.json, json.dumps(res, indent=2))
     plot(res, Path(a.plot) if a.plot else Path(a.json).with_suffix(".png"))
     print_table(res)

@@ -26,7 +26,7 @@ def recall_at_1(img_emb: Tensor, captions: Sequence[str], txt_emb: Tensor, galle
         raise ValueError("embeddings and captions must align")
     sim = F.normalize(img_emb.float(), dim=-1) @ F.normalize(txt_emb.float(), dim=-1).T  # [N, G]
     index = {c: k for k, c in enumerate(gallery)}
-    own = torch.tensor([index[c] for c in captions])
+    own = torch.tensor([index[c] for c in captions], device=sim.device)
     i2t = (sim.argmax(1) == own).float().mean().item()
     top_img = sim[:, own].argmax(0)  # for each pair's caption, the best image
     t2i = float(np.mean([captions[int(k)] == captions[q] for q, k in enumerate(top_img)]))

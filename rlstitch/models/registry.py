@@ -28,6 +28,18 @@ def tiny_root() -> Path:
     return Path(os.environ.get("RLSTITCH_TINY_DIR") or TINY_DIR)
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str, knob: str = "device") -> torch.device:
+    """'cuda' / 'cpu', or 'auto': cuda when this process sees a GPU. `knob` names the setting in errors."""
+    if name not in DEVICES:
+        raise ValueError(f"{knob}={name!r} must be one of {DEVICES}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"{knob}=cuda but this process sees no GPU (use {knob}=auto or cpu)")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 class WeightsNotFoundError(FileNotFoundError):
     """Raised when a model's weights are not where the registry looked."""
 

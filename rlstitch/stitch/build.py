@@ -19,6 +19,7 @@ import torch
 
 from rlstitch.config import load_config, to_dict
 from rlstitch.io import atomic_write_text
+from rlstitch.models import registry
 from rlstitch.models.registry import BACKBONES, load_backbone, load_codec, load_reward
 from rlstitch.stitch import artifact
 from rlstitch.stitch.collect import collect_stats
@@ -27,6 +28,7 @@ from rlstitch.stitch.fit import plot_residuals, residual_table, select, solve_al
 from rlstitch.stitch.layer import StitchLayer
 from rlstitch.stitch.probe import image_batches, load_images
 from rlstitch.stitch.vm import LatentTokens, StitchVM
+from rlstitch.value.base import model_device
 from rlstitch.value.noisy import NoisyReward
 
 
@@ -47,6 +49,7 @@ class StitchBuildConfig:
     ridge: float = 1e-4  # ridge lambda, scaled by tr(Cxx)/d
     seed: int = 0
     threads: int = 0  # torch threads (0: leave as is)
+    device: str = "auto"  # auto (cuda when this process sees a GPU) | cpu | cuda; statistics stay float64 on the CPU
     baselines: bool = False  # also build the VAE-stitch and NoisyReward baselines
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
@@ -58,14 +61,15 @@ class StitchBuildConfig:
             raise ValueError(f"probe_images ({self.probe_images}) must be >= batch ({self.batch}) > 0")
         if self.j_max < 0:
             raise ValueError(f"j_max must be >= 0, got {self.j_max}")
+        registry.resolve_device(self.device)  # a misspelt device, or cuda without a GPU, fails here
         self.finetune.validate()
 
 
-def load_models(cfg: StitchBuildConfig):
-    """Backbone (no text encoder: StitchVM uses the null condition), reward and codec."""
-    backbone = load_backbone(cfg.backbone, cfg.backbone_path, with_text=True)
-    reward = load_reward(cfg.reward, cfg.reward_path)
-    codec = load_codec(BACKBONES[cfg.backbone].vae)
+def load_models(cfg: StitchBuildConfig, device: torch.device | str = "cpu"):
+    """Backbone (with its text encoder: StitchVM runs it under the null condition), reward and codec."""
+    backbone = load_backbone(cfg.backbone, cfg.backbone_path, with_text=True, device=device)
+    reward = load_reward(cfg.reward, cfg.reward_path, device=device)
+    codec = load_codec(BACKBONES[cfg.backbone].vae, device=device)
     return backbone, reward, codec
 
 
@@ -91,7 +95,8 @@ def stitch_layer(backbone, reward, latent_hw, best, cls_mean) -> StitchLayer:
 
 def fit_stitch(backbone, reward, codec, cfg: StitchBuildConfig, latent_hw, tag: str):
     """Statistics over the probe set, every fit, the selected one and its layer."""
-    batches = image_batches(cfg.data, cfg.probe_images, cfg.batch, probe_seed(cfg))
+    device = model_device(reward)
+    batches = ((seed, x.to(device)) for seed, x in image_batches(cfg.data, cfg.probe_images, cfg.batch, probe_seed(cfg)))
     total = -(-cfg.probe_images // cfg.batch)
     stats = collect_stats(backbone, reward, codec, batches, cfg.j_max, latent_hw, total=total)
     fits, best = solve_and_select(stats, cfg, tag)
@@ -126,8 +131,10 @@ def build(cfg: StitchBuildConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    backbone, reward, codec = load_models(cfg)
-    probe = load_images(cfg.data, 1, "train", cfg.seed)[0]
+    device = registry.resolve_device(cfg.device)
+    print(f"building on {device}")
+    backbone, reward, codec = load_models(cfg, device)
+    probe = load_images(cfg.data, 1, "train", cfg.seed)[0].to(device)
     latent_hw = tuple(codec.encode(probe).shape[-2:])
 
     t0 = time.time()

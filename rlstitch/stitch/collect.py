@@ -49,6 +49,7 @@ def collect_stats(backbone, reward, codec, batches: Iterable[tuple[int, Tensor]]
     stats = empty_stats(backbone, reward, latent_hw, j_max)
     shape = (backbone.latent_channels, *latent_hw)
     for seed, images in tqdm(batches, desc="stitch stats", total=total, disable=not progress):
-        t, eps = probe_noise(images.shape[0], shape, seed)
+        # Noise is drawn on the CPU so that a batch's seed gives the same statistics on any device.
+        t, eps = (x.to(images.device) for x in probe_noise(images.shape[0], shape, seed))
         stats.update(*paired_features(backbone, reward, codec, images, t, eps, stats.blocks_u, stats.blocks_r))
     return stats

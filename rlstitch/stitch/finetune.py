@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from rlstitch.sampling.flow import forward_noise
 from rlstitch.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlstitch.value.base import model_device
 
 
 @dataclass
@@ -63,10 +64,11 @@ class Targets:
 
 @torch.no_grad()
 def teacher_targets(reward, codec, images: Tensor, chunk: int = 256) -> Targets:
-    """Encode images and run the frozen reward on them (the distillation targets)."""
+    """Encode images and run the frozen reward on them (the distillation targets, on the reward's device)."""
     z0, emb, tok, score = [], [], [], []
+    device = model_device(reward)
     for k in range(0, len(images), chunk):
-        x = images[k : k + chunk]
+        x = images[k : k + chunk].to(device)
         z0.append(codec.encode(x))
         e, h = reward.tail(reward.prefix(x, 0), 0, return_tokens=True)
         emb.append(e.float())

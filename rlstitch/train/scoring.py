@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from rlstitch.value.base import ValueEstimator, check_latent
@@ -31,11 +30,11 @@ class CleanReward(ValueEstimator):
     def from_registry(cls, codec: str, codec_path: str | None, reward: str, reward_path: str | None,
                       tiny_dir: str | None = None, device: str = "auto") -> CleanReward:
         """Load the codec and reward by registry name (device auto: cuda when this process sees a GPU)."""
-        from rlstitch.models.registry import load_codec, load_reward
+        from rlstitch.models.registry import load_codec, load_reward, resolve_device
 
         if tiny_dir:
             os.environ["RLSTITCH_TINY_DIR"] = tiny_dir
-        dev = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        dev = resolve_device(device, "reward device")
         names = (codec, codec_path, reward, reward_path, tiny_dir, device)
         return cls(load_codec(codec, codec_path, device=dev), load_reward(reward, reward_path, device=dev), names).eval()
 
