@@ -170,6 +170,9 @@ class BuildStitchConfig(StitchBuildConfig):
         if unset:
             keys = ", ".join(f"{k}=..." for k in unset)
             raise ConfigError(f"set {keys} (the config leaves them {REQUIRED})")
+        if self.device != "auto":  # workers take the GPUs they are placed with
+            raise ConfigError(f"device={self.device!r} is the single-process build's knob; this recipe puts "
+                              "workers on GPUs with stats.num_gpus and learner.num_gpus")
         super().validate()
         if self.baselines:
             raise ConfigError("baselines=true is built by `python -m rlstitch.stitch.build`, "
