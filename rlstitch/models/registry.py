@@ -31,10 +31,15 @@ def tiny_root() -> Path:
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(name: str, knob: str = "device") -> torch.device:
-    """'cuda' / 'cpu', or 'auto': cuda when this process sees a GPU. `knob` names the setting in errors."""
+def check_device(name: str, knob: str = "device") -> None:
+    """A device setting must be one of DEVICES (checkable where the GPU is not: a Ray driver). `knob` names it."""
     if name not in DEVICES:
         raise ValueError(f"{knob}={name!r} must be one of {DEVICES}")
+
+
+def resolve_device(name: str, knob: str = "device") -> torch.device:
+    """'cuda' / 'cpu', or 'auto': cuda when this process sees a GPU. `knob` names the setting in errors."""
+    check_device(name, knob)
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"{knob}=cuda but this process sees no GPU (use {knob}=auto or cpu)")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")

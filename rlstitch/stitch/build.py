@@ -28,7 +28,6 @@ from rlstitch.stitch.fit import plot_residuals, residual_table, select, solve_al
 from rlstitch.stitch.layer import StitchLayer
 from rlstitch.stitch.probe import image_batches, load_images
 from rlstitch.stitch.vm import LatentTokens, StitchVM
-from rlstitch.value.base import model_device
 from rlstitch.value.noisy import NoisyReward
 
 
@@ -95,8 +94,7 @@ def stitch_layer(backbone, reward, latent_hw, best, cls_mean) -> StitchLayer:
 
 def fit_stitch(backbone, reward, codec, cfg: StitchBuildConfig, latent_hw, tag: str):
     """Statistics over the probe set, every fit, the selected one and its layer."""
-    device = model_device(reward)
-    batches = ((seed, x.to(device)) for seed, x in image_batches(cfg.data, cfg.probe_images, cfg.batch, probe_seed(cfg)))
+    batches = image_batches(cfg.data, cfg.probe_images, cfg.batch, probe_seed(cfg))
     total = -(-cfg.probe_images // cfg.batch)
     stats = collect_stats(backbone, reward, codec, batches, cfg.j_max, latent_hw, total=total)
     fits, best = solve_and_select(stats, cfg, tag)

@@ -11,6 +11,7 @@ from tqdm import tqdm
 from rlstitch.sampling.flow import forward_noise
 from rlstitch.stitch.layer import resample_tokens
 from rlstitch.stitch.stats import StitchStats
+from rlstitch.value.base import model_device
 
 
 def probe_noise(batch: int, latent_shape: Sequence[int], seed: int) -> tuple[Tensor, Tensor]:
@@ -45,11 +46,14 @@ def empty_stats(backbone, reward, latent_hw: tuple[int, int], j_max: int) -> Sti
 
 def collect_stats(backbone, reward, codec, batches: Iterable[tuple[int, Tensor]], j_max: int, latent_hw,
                   progress: bool = True, total: int | None = None) -> StitchStats:
-    """Accumulate statistics over (batch_seed, images) pairs; the noise of each batch comes from its seed."""
+    """Accumulate statistics over (batch_seed, images) pairs on the reward's device; the noise of each batch comes
+    from its seed."""
     stats = empty_stats(backbone, reward, latent_hw, j_max)
     shape = (backbone.latent_channels, *latent_hw)
+    device = model_device(reward)
     for seed, images in tqdm(batches, desc="stitch stats", total=total, disable=not progress):
+        images = images.to(device)
         # Noise is drawn on the CPU so that a batch's seed gives the same statistics on any device.
-        t, eps = (x.to(images.device) for x in probe_noise(images.shape[0], shape, seed))
+        t, eps = (x.to(device) for x in probe_noise(images.shape[0], shape, seed))
         stats.update(*paired_features(backbone, reward, codec, images, t, eps, stats.blocks_u, stats.blocks_r))
     return stats

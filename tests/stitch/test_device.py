@@ -20,7 +20,7 @@ def meta_models(tiny_clip_reward):
 
 
 def test_collect_stats_runs_on_the_images_device(meta_models, monkeypatch):
-    """Noise is drawn on the CPU from the batch seed, then joins the images: the features reach update on the device."""
+    """Images and the noise drawn on the CPU from the batch seed join the reward's device; so do the features."""
     from rlstitch.stitch import collect
     from rlstitch.stitch.stats import StitchStats
 
@@ -28,8 +28,8 @@ def test_collect_stats_runs_on_the_images_device(meta_models, monkeypatch):
     seen = []
     monkeypatch.setattr(StitchStats, "update", lambda self, fu, fr, cls: seen.append(
         {fu[1].device.type, *(f.device.type for f in fr.values()), *(c.device.type for c in cls.values())}))
-    images = torch.zeros(3, 3, 32, 32, device="meta")
-    collect.collect_stats(prefix, reward, codec, [(7, images), (8, images)], j_max=1, latent_hw=(8, 8),
+    images = torch.zeros(3, 3, 32, 32)  # CPU images (the tiny-world stream) join the reward's device
+    collect.collect_stats(prefix, reward, codec, [(7, images), (8, images.to("meta"))], j_max=1, latent_hw=(8, 8),
                           progress=False)
     assert seen == [{"meta"}, {"meta"}]
 
