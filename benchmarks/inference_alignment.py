@@ -59,7 +59,7 @@ STITCH_M1_N = (4, 8)  # StitchVM-FKS with resampling only (M = 1)
 FULL = {"dps_prompts": 64, "fks_prompts": 24, "steps": 20, "batch": 8, "resample_every": 4,
         "scales": {"tweedie": (0.03, 0.1, 0.3, 1.0, 3.0), "stitchvm": (0.3, 1.0, 3.0, 10.0, 30.0, 100.0)}}
 QUICK = {"dps_prompts": 32, "fks_prompts": 24, "steps": 10, "batch": 8, "resample_every": 2,
-         "scales": {"tweedie": (0.1, 0.3, 1.0, 3.0), "stitchvm": (1.0, 3.0, 10.0, 30.0)}}
+         "scales": {"tweedie": (0.1, 0.3, 1.0, 3.0), "stitchvm": (1.0, 3.0, 10.0, 30.0, 100.0)}}
 
 
 def load(stitch: str, device: str):
