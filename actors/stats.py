@@ -134,9 +134,11 @@ class StatsWorker:
     def stats(self, shard: ProbeShard) -> StitchStats:
         """The StitchStats of one shard."""
         self._maybe_fail()
-        images = read_rows(self.data, "train", shard.start, shard.stop)[0].to(self.device)
+        # The shard stays on the CPU: collect_stats moves one probe batch at a time to the device, so a large shard
+        # of full-size images never has to fit in GPU memory at once.
+        images = read_rows(self.data, "train", shard.start, shard.stop)[0]
         if self.latent_hw is None:
-            self.latent_hw = tuple(self.codec.encode(images[:1]).shape[-2:])
+            self.latent_hw = tuple(self.codec.encode(images[:1].to(self.device)).shape[-2:])
         return collect_stats(self.backbone, self.reward, self.codec, shard_batches(shard, images), self.j_max,
                              self.latent_hw, progress=False)
 
