@@ -3,6 +3,7 @@
 # Builds tiny-sd3 x tiny-clip with its baselines on the GPU (device=cuda), runs the fidelity benchmark on it and on
 # the committed artifact (whose CPU figures are in docs/fidelity_sd3_clip.json) with --device cuda.
 # Needs torch, diffusers, open_clip and ftfy only (no Ray); a few minutes on one H200 at the default 4800 steps.
+# Its finetune runs in bf16 autocast (finetune.precision=auto); add finetune.precision=fp32 to match the CPU build.
 set -euo pipefail
 out=${1:-/tmp/stitch_gpu}
 steps=${2:-4800}

@@ -177,6 +177,9 @@ class BuildStitchConfig(StitchBuildConfig):
         if self.baselines:
             raise ConfigError("baselines=true is built by `python -m rlstitch.stitch.build`, "
                               "not by this recipe")
+        if self.finetune.precision != "auto":
+            raise ConfigError(f"finetune.precision={self.finetune.precision} is the single-process build's knob; "
+                              "the Ray build's learners take learner.bf16=true|false")
         self.stats.validate()
         self.learner.check()
         shards = self.stats.workers * self.stats.shards_per_worker

@@ -42,9 +42,12 @@ class FinetuneConfig:
     eval_every: int = 250  # steps between validation losses
     ckpt_every: int = 500  # steps between resumable checkpoints (with a ckpt dir)
     seed: int = 0
+    precision: str = "auto"  # auto: bf16 on a GPU, fp32 on the CPU; fp32 | bf16 (autocast: fp32 weights and losses)
 
     def validate(self) -> None:
         """Reject values that cannot work."""
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"finetune.precision must be auto, fp32 or bf16, got {self.precision!r}")
         for k in ("steps", "batch", "train_images", "val_images", "eval_every", "ckpt_every"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"finetune.{k} must be positive, got {getattr(self, k)}")
@@ -81,11 +84,17 @@ def teacher_targets(reward, codec, images: Tensor, chunk: int = 256) -> Targets:
 def distill_loss(reward, emb: Tensor, tok: Tensor, tgt: Targets, idx: Tensor, lambda_tok: float) -> Tensor:
     """CLIP-type: |e~_SV - e~_RM|^2 + lambda_tok |h_SV - h_RM|^2; aesthetic: SmoothL1 on tokens, emb, score."""
     if reward.kind == "aesthetic":
-        score = reward.score_embedding(emb, None)
-        return (F.smooth_l1_loss(tok, tgt.tokens[idx]) + F.smooth_l1_loss(emb, tgt.emb[idx])
+        score = reward.score_embedding(emb, None).float()
+        return (F.smooth_l1_loss(tok.float(), tgt.tokens[idx]) + F.smooth_l1_loss(emb.float(), tgt.emb[idx])
                 + F.smooth_l1_loss(score, tgt.score[idx]))
     e_sv, e_rm = F.normalize(emb.float(), dim=-1), F.normalize(tgt.emb[idx], dim=-1)
     return (e_sv - e_rm).square().sum(-1).mean() + lambda_tok * (tok.float() - tgt.tokens[idx]).square().mean()
+
+
+def autocast(cfg: FinetuneConfig, device: torch.device):
+    """The forward passes' precision: bf16 autocast (weights, optimizer and losses stay fp32) or plain fp32."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def sample_t(n: int, g: torch.Generator) -> Tensor:
@@ -158,18 +167,22 @@ def finetune(student, reward, train: Targets, val: Targets, cfg: FinetuneConfig,
         info = load_checkpoint(last, modules, opt, {"data": g})
         start, history = info["step"], info["history"]
     student.train()
+    amp = autocast(cfg, train.z0.device)
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps)
     for step in bar:
         set_lr(opt, step, cfg)
-        loss = batch_loss(student, reward, train, cfg, g, cfg.batch)
+        with amp:
+            loss = batch_loss(student, reward, train, cfg, g, cfg.batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             student.eval()
-            rec = {"step": done, "train_loss": float(loss.detach()), "val_loss": validation_loss(student, reward, val, cfg),
+            with amp:
+                val_loss = validation_loss(student, reward, val, cfg)
+            rec = {"step": done, "train_loss": float(loss.detach()), "val_loss": val_loss,
                    "seconds": round(time.time() - t0, 1)}
             student.train()
             history.append(rec)

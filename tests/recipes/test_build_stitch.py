@@ -52,6 +52,7 @@ def test_start_up_checks_name_the_knob():
         "learner.zero_stage must be 0, 1 or 2": ["learner.zero_stage=3"],
         "learner.bf16=true needs learner.num_gpus": ["learner.bf16=true"],
         "baselines=true is built by": ["baselines=true"],
+        "the Ray build's learners take learner.bf16": ["finetune.precision=bf16"],
         "stats.num_gpus and learner.num_gpus": ["device=cuda"],
         "known configs": ["config=nope"],
     }

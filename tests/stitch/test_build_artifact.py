@@ -173,3 +173,35 @@ def test_finetune_trains_the_reward_tower_and_leaves_the_teachers_alone(random_w
     assert all(torch.equal(v, bb.state_dict()[k]) for k, v in bb0.items())
     assert all(torch.equal(v, rw.state_dict()[k]) for k, v in rw0.items())
     assert not any(p.requires_grad for m in model.trainable_modules().values() for p in m.parameters())
+
+
+def test_bf16_finetune_runs_the_forward_in_bf16_and_keeps_fp32_weights(random_world):
+    """precision=bf16 autocasts the student's forward (auto stays fp32 on the CPU); weights and losses stay fp32."""
+    from rlstitch.models.registry import load_backbone, load_codec, load_reward
+    from rlstitch.stitch.finetune import FinetuneConfig, finetune, teacher_targets
+    from rlstitch.stitch.layer import StitchLayer
+    from rlstitch.stitch.probe import load_images
+    from rlstitch.stitch.vm import StitchVM
+
+    bb, rw, codec = load_backbone("tiny-sd3"), load_reward("tiny-clip"), load_codec("tiny-vae")
+    train = teacher_targets(rw, codec, load_images("tinyworld", 16)[0])
+    val = teacher_targets(rw, codec, load_images("tinyworld", 4, "val")[0])
+
+    def run(precision: str):
+        torch.manual_seed(0)
+        model = StitchVM(bb, rw, StitchLayer(bb.hidden_dim, rw.width, (8, 8), rw.grid), i=2, j=0)
+        seen = set()
+        hook = model.tail.blocks[0].mlp.c_fc.register_forward_hook(lambda m, a, out: seen.add(out.dtype))
+        cfg = FinetuneConfig(steps=2, batch=4, train_images=16, val_images=4, eval_every=2, warmup=1,
+                             precision=precision)
+        hist = finetune(model, rw, train, val, cfg)
+        hook.remove()
+        assert all(p.dtype == torch.float32 for m in model.trainable_modules().values() for p in m.parameters())
+        return seen, hist[-1]["val_loss"]
+
+    (seen32, loss32), (seen_auto, loss_auto), (seen16, loss16) = run("fp32"), run("auto"), run("bf16")
+    assert seen32 == seen_auto == {torch.float32} and loss_auto == loss32
+    assert seen16 == {torch.bfloat16}
+    assert loss16 == pytest.approx(loss32, rel=0.05) and loss16 != loss32
+    with pytest.raises(ValueError, match="finetune.precision must be auto, fp32 or bf16"):
+        FinetuneConfig(precision="fp16").validate()
