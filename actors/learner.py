@@ -32,13 +32,13 @@ def _build_learner(cfg, rank: int, world_size: int, value):
     from ray.train.torch import get_device
 
     from rlstitch.models.registry import load_backbone
-    from rlstitch.train.config import pick_dtype
+    from rlstitch.train.config import pick_dtype, use_bf16
     from rlstitch.train.learner import DeepSpeedEngine, Learner, accumulation_steps
     from rlstitch.train.policy import Policy
 
     cuda = torch.cuda.is_available()
     device = get_device() if cuda else torch.device("cpu")
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cuda)
+    bf16 = use_bf16(cfg.train.precision, cuda)
     m, lo = cfg.model, cfg.lora
     backbone = load_backbone(m.backbone, m.path, dtype=pick_dtype(m.dtype, cuda), device=device)
     policy = Policy(backbone, lo.enabled, lo.rank, lo.alpha, lo.targets,

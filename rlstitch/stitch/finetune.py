@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from rlstitch.sampling.flow import forward_noise
 from rlstitch.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlstitch.train.config import PRECISIONS, use_bf16
 from rlstitch.value.base import model_device
 
 
@@ -46,7 +47,7 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Reject values that cannot work."""
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"finetune.precision must be auto, fp32 or bf16, got {self.precision!r}")
         for k in ("steps", "batch", "train_images", "val_images", "eval_every", "ckpt_every"):
             if getattr(self, k) <= 0:
@@ -93,8 +94,7 @@ def distill_loss(reward, emb: Tensor, tok: Tensor, tgt: Targets, idx: Tensor, la
 
 def autocast(cfg: FinetuneConfig, device: torch.device):
     """The forward passes' precision: bf16 autocast (weights, optimizer and losses stay fp32) or plain fp32."""
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.precision, device.type == "cuda"))
 
 
 def sample_t(n: int, g: torch.Generator) -> Tensor:

@@ -218,6 +218,14 @@ def from_dict(cfg: RecipeConfig | dict) -> RecipeConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), OmegaConf.create(dict(cfg))))
 
 
+PRECISIONS = ("auto", "fp32", "bf16")  # train.precision and finetune.precision
+
+
+def use_bf16(precision: str, cuda: bool) -> bool:
+    """A precision knob's verdict: auto is bf16 on GPU and fp32 on CPU."""
+    return precision == "bf16" or (precision == "auto" and cuda)
+
+
 def pick_dtype(name: str, cuda: bool):
     """model.dtype as a torch dtype: auto is bfloat16 on GPU and float32 on CPU."""
     import torch
@@ -233,7 +241,7 @@ def _problems(c: RecipeConfig):
     yield from _choice("mode", c.mode, ("stitch", "baseline"))
     yield from _choice("rollout.tau_per", c.rollout.tau_per, ("group", "sample"))
     yield from _choice("model.dtype", c.model.dtype, ("auto", "float32", "bfloat16"))
-    yield from _choice("train.precision", c.train.precision, ("auto", "fp32", "bf16"))
+    yield from _choice("train.precision", c.train.precision, PRECISIONS)
     yield from _choice("train.zero_stage", c.train.zero_stage, (0, 1, 2))
     for name, v in [("train.steps", c.train.steps), ("train.updates_per_iteration", c.train.updates_per_iteration),
                     ("train.micro_batch", c.train.micro_batch), ("rollout.prompts_per_iteration",
