@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -11,6 +12,16 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix: str = ".tmp") -> None:
     """write(tmp) into path's folder, then rename over path, so readers never see a half-written file."""
     path = os.fspath(path)
@@ -18,9 +29,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], suffix
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file 0600; the result gets the mode a plain open() would (other workers may read it).
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):  # write() may have moved it: keep the original error
+            os.unlink(tmp)
         raise
 
 

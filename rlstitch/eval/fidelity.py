@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from rlstitch.eval.metrics import recall_at_1, spearman, unique_captions
-from rlstitch.io import atomic_write_text
+from rlstitch.io import atomic_write, atomic_write_text
 from rlstitch.models.registry import (
     BACKBONES,
     DEVICES,
@@ -188,10 +188,10 @@ def plot(res: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:  # a failed write leaves no half-written PNG, and the figure is freed either way
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120), ".png")
+    finally:
+        plt.close(fig)
 
 
 def run(stitch: Path, n: int = 500, device: str = "auto") -> dict:

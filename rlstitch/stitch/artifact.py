@@ -17,6 +17,7 @@ from rlstitch.stitch.layer import StitchLayer
 from rlstitch.stitch.vm import StitchVM
 
 FORMAT_VERSION = 1
+REQUIRED = ("backbone", "reward", "i", "j", "grid_u", "grid_r", "d_u", "d_r", "weights_sha256")
 
 
 class ArtifactError(ValueError):
@@ -82,6 +83,9 @@ def load(path: str | Path, backbone, reward) -> StitchVM:
     manifest = read_manifest(path)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    for key in REQUIRED:
+        if key not in manifest:
+            raise ArtifactError(f"{path / 'manifest.json'}: missing field {key!r}")
     _check_model(manifest, "backbone", backbone)
     _check_model(manifest, "reward", reward)
     wfile = path / "weights.safetensors"

@@ -6,6 +6,7 @@ Each exposes `trainable_modules()` and `embed(z_t, t, return_tokens=True)`.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -156,6 +157,30 @@ def validation_loss(student, reward, val: Targets, cfg: FinetuneConfig) -> float
     return float(distill_loss(reward, emb, tok, val, torch.arange(n), cfg.lambda_tok))
 
 
+# Knobs a resumed run must share with its checkpoint (steps, eval/ckpt cadence and precision may change).
+RESUME_KNOBS = ("seed", "batch", "train_images", "lr", "stitch_lr_mult", "warmup", "weight_decay", "lambda_tok")
+
+
+def run_identity(student, cfg: FinetuneConfig) -> dict:
+    """What makes a checkpoint this run's: the student (kind and cut) and the knobs that shape every update."""
+    return {"student": type(student).__name__, "i": getattr(student, "i", None), "j": getattr(student, "j", None),
+            **{k: getattr(cfg, k) for k in RESUME_KNOBS}}
+
+
+def check_resumable(ckpt: Path, run: dict) -> None:
+    """A checkpoint of another student or other knobs (a stale folder) must not be continued silently."""
+    try:
+        saved = json.loads((ckpt / "info.json").read_text()).get("run")
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{ckpt}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+    if saved is None:  # written before checkpoints recorded their run: nothing to compare
+        return
+    diff = [f"{k}: {saved.get(k)!r} there, {v!r} here" for k, v in run.items() if saved.get(k) != v]
+    if diff:
+        raise ValueError(f"{ckpt} belongs to another run ({'; '.join(diff)}): use another checkpoint folder "
+                         "or remove this one")
+
+
 def finetune(student, reward, train: Targets, val: Targets, cfg: FinetuneConfig, ckpt_dir: str | Path | None = None,
              log: Callable[[dict], None] | None = None, desc: str = "finetune") -> list[dict]:
     """Train the student for cfg.steps; resumes from the latest checkpoint in ckpt_dir. Returns the history."""
@@ -163,7 +188,9 @@ def finetune(student, reward, train: Targets, val: Targets, cfg: FinetuneConfig,
     g = torch.Generator().manual_seed(cfg.seed)
     modules = student.trainable_modules()
     start, history = 0, []
+    run = run_identity(student, cfg)
     if ckpt_dir and (last := latest_checkpoint(ckpt_dir)):
+        check_resumable(last, run)
         info = load_checkpoint(last, modules, opt, {"data": g})
         start, history = info["step"], info["history"]
     student.train()
@@ -190,7 +217,8 @@ def finetune(student, reward, train: Targets, val: Targets, cfg: FinetuneConfig,
             if log:
                 log(rec)
         if ckpt_dir and (done % cfg.ckpt_every == 0 or done == cfg.steps):
-            save_checkpoint(Path(ckpt_dir) / f"step-{done}", modules, opt, {"data": g}, step=done, history=history)
+            save_checkpoint(Path(ckpt_dir) / f"step-{done}", modules, opt, {"data": g}, step=done, history=history,
+                            run=run)
     student.eval()
     set_trainable(student, False)
     return history

@@ -54,6 +54,11 @@ class StitchLayer(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         """DiT tokens -> the reward's token sequence entering block j."""
+        n = self.grid_u[0] * self.grid_u[1]
+        # Equal grids skip the resample, whose check would otherwise catch a latent of another resolution.
+        if h.dim() != 3 or h.shape[1:] != (n, self.d_u):
+            raise ValueError(f"stitch expects DiT tokens [B, {n}, {self.d_u}] (grid {self.grid_u}), got "
+                             f"{tuple(h.shape)}: the latent's resolution differs from the one it was built for")
         y = resample_tokens(self.proj(h.to(self.proj.weight.dtype)), self.grid_u, self.grid_r) + self.pos
         y = y + self.residual(y)
         return torch.cat([self.cls.expand(y.shape[0], 1, -1), y], dim=1)

@@ -39,10 +39,29 @@ def load_images(source: str, n: int, split: str = "train", seed: int = 0) -> tup
 
 def image_batches(source: str, n: int, batch: int, seed: int) -> Iterator[tuple[int, Tensor]]:
     """(batch seed, images) over n probe images; a batch's seed fixes its noise, wherever it runs."""
+    if source != "tinyworld":
+        yield from _parquet_batches(source, n, batch, seed)
+        return
     for k in range(0, n, batch):
-        m = min(batch, n - k)
-        if source == "tinyworld":
-            images = tw.to_tensor(tw.batch(range(k, k + m), "train", seed)["images"])
-        else:
-            images = load_images(source, k + m, "train", seed)[0][k:]
+        images = tw.to_tensor(tw.batch(range(k, min(k + batch, n)), "train", seed)["images"])
         yield seed * 1_000_003 + k, images
+
+
+def _parquet_batches(source: str, n: int, batch: int, seed: int) -> Iterator[tuple[int, Tensor]]:
+    """`image_batches` over the train shards of a Parquet folder, each shard read once."""
+    buf, k = [], 0
+    for f in parquet_shards(source, "train"):
+        buf.append(tw.to_tensor(tw.read_parquet_shard(f)["images"]))
+        rows = torch.cat(buf)
+        while len(rows) >= batch and k < n:
+            m = min(batch, n - k)
+            yield seed * 1_000_003 + k, rows[:m]
+            rows, k = rows[m:], k + m
+        buf = [rows]
+        if k >= n:
+            return
+    rows = torch.cat(buf)[: n - k]
+    if k + len(rows) < n:
+        raise ValueError(f"{source}: only {k + len(rows)} train images, {n} requested")
+    if len(rows):
+        yield seed * 1_000_003 + k, rows

@@ -38,6 +38,18 @@ def _check_feats(feats: Mapping[int, Tensor], blocks: list[int], dim: int, P: in
     return int(batch)
 
 
+def _check_cls(cls_r: Mapping[int, Tensor], blocks: list[int], dim: int, batch: int) -> None:
+    """Validates the reward's [CLS] tokens ([B, dim], finite, keys == blocks)."""
+    if sorted(cls_r) != sorted(blocks):
+        raise ValueError(f"reward [CLS] has blocks {sorted(cls_r)}, expected {sorted(blocks)}")
+    for b in blocks:
+        t = cls_r[b]
+        if tuple(t.shape) != (batch, dim):
+            raise ValueError(f"reward [CLS] block {b}: shape {tuple(t.shape)}, expected [{batch}, {dim}]")
+        if not torch.isfinite(t).all():
+            raise ValueError(f"reward [CLS] block {b}: non-finite values")
+
+
 class StitchStats:
     """Per-(i, j) sums n, sum x (per position), X^T X, sum y (per position), sum |y|^2, X^T Y.
 
@@ -77,6 +89,8 @@ class StitchStats:
         br = _check_feats(feats_r, self.blocks_r, self.d_r, self.positions, "reward")
         if bu != br:
             raise ValueError(f"DiT batch {bu} differs from reward batch {br}")
+        if cls_r is not None:  # checked before any sum changes: a bad batch leaves no partial update
+            _check_cls(cls_r, self.blocks_r, self.d_r, bu)
         # Products in float64 on the features' device (no precision loss), accumulated on the CPU.
         xs = {i: feats_u[i].to(_F64) for i in self.blocks_u}
         ys = {j: feats_r[j].to(_F64) for j in self.blocks_r}

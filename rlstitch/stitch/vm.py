@@ -44,6 +44,9 @@ class StitchVM(ValueEstimator):
                 f"stitch layer {layer.d_u}->{layer.d_r} does not match backbone width {backbone.hidden_dim} "
                 f"and reward width {reward.width}"
             )
+        if tuple(layer.grid_r) != tuple(reward.grid):  # the tail would take the wrong token count without a word
+            raise ValueError(f"stitch layer grid_r {tuple(layer.grid_r)} does not match the reward's patch grid "
+                             f"{tuple(reward.grid)}")
         # The stitch joins the tail, a copy of the reward's blocks: both live on the reward's device.
         self.backbone, self.layer, self.i, self.j = backbone, layer.to(model_device(reward)), i, j
         self.tail = reward.tail_module(j)

@@ -44,3 +44,25 @@ def test_costs_times_every_method_with_the_same_inputs():
     assert set(res) == {"a", "b"} and all(set(r) == {"value_ms", "grad_ms", "grad_peak_mb"} for r in res.values())
     assert a.seen == b.seen and len(a.seen) == 3 + 3 + 1  # value x (1+2), grad x (1+2), one memory probe
     assert {s[1:] for s in a.seen} == {((4, 4, 8, 8), 0.5, 4)}
+
+
+def test_plot_failure_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A PNG write that fails midway leaves neither the target nor a temp file behind."""
+    import pytest
+    from matplotlib.figure import Figure
+
+    from rlstitch.eval.fidelity import METHODS, TIMES, plot
+
+    res = {"r1_i2t": {m: {t: 0.5 for t in TIMES} for m in METHODS}, "gallery_size": 8}
+    plot(res, tmp_path / "ok.png")
+    assert (tmp_path / "ok.png").read_bytes()[:4] == b"\x89PNG"
+
+    def broken(self, fname, **kw):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(OSError, match="disk full"):
+        plot(res, tmp_path / "fid.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.png"]

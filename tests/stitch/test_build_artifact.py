@@ -205,3 +205,49 @@ def test_bf16_finetune_runs_the_forward_in_bf16_and_keeps_fp32_weights(random_wo
     assert loss16 == pytest.approx(loss32, rel=0.05) and loss16 != loss32
     with pytest.raises(ValueError, match="finetune.precision must be auto, fp32 or bf16"):
         FinetuneConfig(precision="fp16").validate()
+
+
+def test_manifest_missing_a_field_is_an_artifact_error(tiny_clip_reward, tmp_path):
+    """A manifest without a field load needs (hand-edited, older tool) names the field, not a bare KeyError."""
+    from rlstitch.stitch import artifact
+    from rlstitch.stitch.layer import StitchLayer
+    from rlstitch.stitch.vm import LatentTokens, StitchVM
+
+    torch.manual_seed(0)
+    vm = StitchVM(LatentTokens(4), tiny_clip_reward, StitchLayer(4, tiny_clip_reward.width, (8, 8),
+                                                                 tiny_clip_reward.grid), i=1, j=1)
+    artifact.save(vm, tmp_path)
+    assert artifact.load(tmp_path, LatentTokens(4), tiny_clip_reward).j == 1
+    full = json.loads((tmp_path / "manifest.json").read_text())
+    for field in ("weights_sha256", "backbone", "grid_r"):
+        (tmp_path / "manifest.json").write_text(json.dumps({k: v for k, v in full.items() if k != field}))
+        with pytest.raises(artifact.ArtifactError, match=f"manifest.json: missing field '{field}'"):
+            artifact.load(tmp_path, LatentTokens(4), tiny_clip_reward)
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tiny_clip_reward, tmp_path):
+    """A checkpoint folder left by another student (other j) or other batch knobs is not continued silently."""
+    from dataclasses import replace
+
+    from rlstitch.stitch.finetune import FinetuneConfig, Targets, finetune
+    from rlstitch.stitch.layer import StitchLayer
+    from rlstitch.stitch.vm import LatentTokens, StitchVM
+
+    rw = tiny_clip_reward
+
+    def student(j: int):
+        torch.manual_seed(0)
+        return StitchVM(LatentTokens(4), rw, StitchLayer(4, rw.width, (8, 8), rw.grid), i=1, j=j)
+
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(8, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        emb, tok = student(1).embed(z0, torch.zeros(8), return_tokens=True)
+    data = Targets(z0, torch.randn(emb.shape, generator=g), torch.randn(tok.shape, generator=g))
+    cfg = FinetuneConfig(steps=2, batch=4, train_images=8, val_images=8, eval_every=2, ckpt_every=2, warmup=1)
+    finetune(student(1), rw, data, data, cfg, tmp_path)
+    assert [h["step"] for h in finetune(student(1), rw, data, data, replace(cfg, steps=3), tmp_path)] == [2, 3]
+    with pytest.raises(ValueError, match=r"step-3 belongs to another run \(j: 1 there, 0 here\)"):
+        finetune(student(0), rw, data, data, replace(cfg, steps=4), tmp_path)
+    with pytest.raises(ValueError, match=r"belongs to another run \(batch: 4 there, 2 here\)"):
+        finetune(student(1), rw, data, data, replace(cfg, steps=4, batch=2), tmp_path)

@@ -81,3 +81,59 @@ def test_stitch_and_noisy_reward_follow_the_reward_device(random_backbone, tiny_
     noisy = NoisyReward(reward, latent_channels=4, latent_hw=(8, 8))
     assert {p.device.type for p in noisy.trainable_modules()["net"].parameters()} == {"meta"}
     assert noisy.cls.device.type == noisy.pos.device.type == "meta"
+
+
+@pytest.mark.parametrize("hw", [(16, 16), (4, 4)])
+def test_latent_of_another_resolution_is_a_clear_error(tiny_clip_reward, hw):
+    """A latent whose token grid differs from the one the stitch / NoisyReward was built for names both grids."""
+    from rlstitch.stitch.vm import LatentTokens, StitchVM
+    from rlstitch.value.noisy import NoisyReward
+
+    torch.manual_seed(0)
+    layer = StitchLayer(4, tiny_clip_reward.width, (8, 8), tiny_clip_reward.grid)
+    vae_stitch = StitchVM(LatentTokens(4), tiny_clip_reward, layer, i=1, j=1).eval()
+    noisy = NoisyReward(tiny_clip_reward, 4, (8, 8)).eval()
+    z = torch.randn(1, 4, *hw)
+    with pytest.raises(ValueError, match=r"stitch expects DiT tokens \[B, 64, 4\] \(grid \(8, 8\)\)"):
+        vae_stitch.value(z, 0.5, ["a red circle"])
+    with pytest.raises(ValueError, match=rf"noisy_reward: latent must be \[B, 4, 8, 8\], got \(1, 4, {hw[0]}, {hw[1]}\)"):
+        noisy.value(z, 0.5, ["a red circle"])
+
+
+def test_noisy_reward_load_checks_weights_and_manifest(tiny_clip_reward, tmp_path):
+    """NoisyReward artifacts carry a weights SHA-256: truncated or altered weights, or a broken manifest, fail clearly."""
+    from rlstitch.value.noisy import NoisyReward
+
+    net = NoisyReward(tiny_clip_reward, 4, (8, 8), seed=3)
+    net.save(tmp_path / "nr")
+    loaded = NoisyReward.load(tmp_path / "nr", tiny_clip_reward)
+    z = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(loaded.embed(z, torch.full((2,), 0.5)), net.embed(z, torch.full((2,), 0.5)))
+    w = tmp_path / "nr" / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="weights.safetensors: missing, truncated or altered"):
+        NoisyReward.load(tmp_path / "nr", tiny_clip_reward)
+    (tmp_path / "nr" / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="manifest.json: not a NoisyReward manifest"):
+        NoisyReward.load(tmp_path / "nr", tiny_clip_reward)
+
+
+def test_building_a_noisy_reward_leaves_the_global_rng_alone(tiny_clip_reward):
+    """Its seeded init must not reseed the caller's global RNG (a loaded baseline would make later draws repeat)."""
+    from rlstitch.value.noisy import NoisyReward
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    NoisyReward(tiny_clip_reward, 4, (8, 8), seed=0)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_stitchvm_rejects_a_layer_for_another_reward_grid(tiny_clip_reward):
+    """The reward tail takes any sequence length, so a stitch resampling onto another patch grid must fail here."""
+    from rlstitch.stitch.vm import LatentTokens, StitchVM
+
+    gh, gw = tiny_clip_reward.grid
+    with pytest.raises(ValueError, match=rf"stitch layer grid_r \(4, 4\) does not match the reward's patch grid "
+                                         rf"\({gh}, {gw}\)"):
+        StitchVM(LatentTokens(4), tiny_clip_reward, StitchLayer(4, tiny_clip_reward.width, (8, 8), (4, 4)), i=1, j=0)

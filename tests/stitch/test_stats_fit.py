@@ -165,3 +165,22 @@ def test_select_with_depth_tolerance_prefers_the_shallowest_near_best_cut():
     assert (select(fits, 0, 0.05).i, select(fits, 0, 0.05).j) == (2, 0)  # 0.37 <= 0.355 * 1.05
     assert select(fits, 0, 0.01).i == 8
     assert (select(fits, 1, 0.05).i, select(fits, 1, 0.05).j) == (8, 1)  # nothing else within 5% of 0.30
+
+
+def test_bad_cls_tokens_raise_and_leave_no_partial_sums():
+    """cls_r is checked like the features (blocks, [B, d_r], finite) before anything is accumulated."""
+    xs, ys = _data(7, n=4)
+    s = StitchStats(BU, BR, DU, DR, P)
+    good = {j: torch.randn(4, DR, dtype=torch.float64) for j in BR}
+    bad_cases = [
+        ({j: good[j] for j in BR[:-1]}, "reward \\[CLS\\] has blocks"),
+        ({**good, 1: good[1][:3]}, r"reward \[CLS\] block 1: shape \(3, 4\), expected \[4, 4\]"),
+        ({**good, 1: good[1][:, :1]}, r"reward \[CLS\] block 1: shape \(4, 1\)"),
+        ({**good, 2: torch.full((4, DR), float("nan"))}, r"reward \[CLS\] block 2: non-finite"),
+    ]
+    for cls, match in bad_cases:
+        with pytest.raises(ValueError, match=match):
+            s.update(xs, ys, cls)
+    assert s.n == 0 and float(s.xtx[1].abs().sum()) == 0.0 and float(s.sum_cls[0].abs().sum()) == 0.0
+    s.update(xs, ys, good)
+    torch.testing.assert_close(s.sum_cls[1], good[1].sum(0))
