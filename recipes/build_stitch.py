@@ -279,20 +279,24 @@ def fit_stage(cfg: BuildStitchConfig, out: Path, probe_dir: str, env: dict, tags
         extra["distributed"] = {"stats_workers": cfg.stats.workers, "shards": rep.shards,
                                 "retried": rep.retried, "learners": cfg.learner.num_workers,
                                 "zero_stage": cfg.learner.zero_stage}
-        write_closed_form(group, str(out / "closed_form"), best, stats.sum_cls[best.j] / stats.n, extra)
+        write_closed_form(group, str(out / "closed_form"), best, stats.sum_cls[best.j] / stats.n, extra,
+                          cfg.stats.shard_timeout_s)
     finally:
         group.shutdown()
     return extra
 
 
-def write_closed_form(group: ActorGroup, path: str, best, cls_mean, extra: dict) -> None:
+def write_closed_form(group: ActorGroup, path: str, best, cls_mean, extra: dict, timeout_s: float) -> None:
     """The closed-form artifact, written by the first stats worker still alive (it holds the models)."""
     for w in group.workers:
         try:
-            ray.get(w.write_closed_form.remote(path, best, cls_mean, extra))
+            ray.get(w.write_closed_form.remote(path, best, cls_mean, extra), timeout=timeout_s)
             return
         except ray.exceptions.RayActorError:
             continue
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"the stats worker did not write {path} within {timeout_s:g} s "
+                               "(stats.shard_timeout_s); see `ray logs`") from None
     raise RuntimeError("no stats worker is alive to write the closed-form artifact; see `ray logs`")
 
 

@@ -1,7 +1,8 @@
-"""DPS gradient guidance with a value model served by value actors (SPEC §2).
+"""python recipes/dps.py [config=NAME|FILE.yaml] [key=value ...]   (the tiny world: starts a local Ray instance)
 
-    ray job submit --working-dir . -- python recipes/dps.py [config=NAME|FILE.yaml] [key=value ...]
-    python recipes/dps.py                                  # the tiny world: starts a local Ray instance
+On a cluster: ray job submit --working-dir . -- python recipes/dps.py [config=NAME|FILE.yaml] [key=value ...]
+
+DPS gradient guidance with a value model served by value actors (SPEC §2).
 
 NAME is a file of recipes/configs/dps/ (default tiny; also sd35-medium, sd35-large, flux-dev, which need
 backbone_path=, reward_path= and value.stitch= for weights on your cluster).

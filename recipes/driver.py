@@ -77,7 +77,7 @@ def _value_pool(cfg: RecipeConfig, spec: ValueSpec, estimator, tags: dict) -> tu
     """Value actors of the "value" role hosting one estimator (a ValueSpec, or a lazily rebuilt CleanReward)."""
     kwargs = {"estimator": estimator} if estimator is not None else {}
     group = ActorGroup(ValueActor, role(cfg, "value"), asdict(spec), tags=tags, role="value", **kwargs)
-    return ValueClient(group.workers), group
+    return ValueClient(group.workers, timeout_s=cfg.train.timeout_s), group
 
 
 def build_scorers(cfg: RecipeConfig, tags: dict) -> tuple[Scorer, Scorer, list]:

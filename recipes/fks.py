@@ -1,7 +1,8 @@
-"""FK steering with N particles x M proposals, values from value actors (SPEC §2).
+"""python recipes/fks.py [config=NAME|FILE.yaml] [key=value ...]   (the tiny world: starts a local Ray instance)
 
-    ray job submit --working-dir . -- python recipes/fks.py [config=NAME|FILE.yaml] [key=value ...]
-    python recipes/fks.py                                  # the tiny world: starts a local Ray instance
+On a cluster: ray job submit --working-dir . -- python recipes/fks.py [config=NAME|FILE.yaml] [key=value ...]
+
+FK steering with N particles x M proposals, values from value actors (SPEC §2).
 
 NAME is a file of recipes/configs/fks/ (default tiny; also sd35-medium, sd35-large, flux-dev, which need
 backbone_path=, reward_path= and value.stitch= for weights on your cluster).

@@ -63,10 +63,11 @@ def ess(log_w: Tensor) -> Tensor:
 
 
 def needs_resample(log_w: Tensor, adaptive: bool, threshold: float = 0.5) -> Tensor:
-    """Which rows resample: all, or (adaptive) those with ESS < threshold * N."""
+    """Which rows resample: all, or (adaptive) those with ESS < threshold * N (equal weights never: their ESS is
+    N up to rounding, which a relative tolerance of 1e-9 absorbs)."""
     if not adaptive:
         return torch.ones(log_w.shape[:-1], dtype=torch.bool)
-    return ess(log_w) < threshold * log_w.shape[-1]
+    return ess(log_w) < threshold * log_w.shape[-1] * (1 - 1e-9)
 
 
 def resample_indices(log_w: Tensor, generators: Sequence[torch.Generator]) -> Tensor:

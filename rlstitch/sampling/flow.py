@@ -25,6 +25,8 @@ def time_grid(steps: int, shift: float = 1.0) -> Tensor:
     """The steps+1 times from 1 to 0 (float64 for exact bookkeeping), shifted."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not shift > 0:  # 0 makes t=1 a 0/0 (NaN), a negative shift puts a pole inside (0, 1)
+        raise ValueError(f"shift must be > 0, got {shift}")
     return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
 
 

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from rlstitch.models.condition import Condition
 from rlstitch.sampling.flow import FlowSampler, VelocityHook, randn
+from rlstitch.value.base import model_device
 
 
 def cfg_velocity(backbone, cond: Condition, scale: float) -> Callable[[Tensor, float], Tensor]:
@@ -37,7 +38,7 @@ def generate(backbone, codec, prompts: Sequence[str], *, sampler: FlowSampler | 
     """Images in [-1, 1] (or final latents with decode=False) for the prompts."""
     sampler = sampler or FlowSampler(steps=20)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    z = initial_noise(backbone, len(prompts), latent_hw, seeds)
+    z = initial_noise(backbone, len(prompts), latent_hw, seeds).to(model_device(backbone))
     gens = [torch.Generator().manual_seed(int(s) + 7919) for s in seeds] if sampler.sde else None
     with torch.no_grad() if hook is None else torch.enable_grad():
         out = sampler.sample(cfg_velocity(backbone, backbone.encode_prompts(prompts), cfg_scale), z,

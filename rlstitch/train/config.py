@@ -131,7 +131,7 @@ class CheckpointConfig:
 
     every: int = 0  # iterations between checkpoints (0: only at the end)
     resume: bool = True  # continue from the latest checkpoint under <out>/checkpoints
-    keep: int = 2
+    keep: int = 2  # newest checkpoints kept on disk (0: every one)
 
 
 @dataclass
@@ -251,6 +251,13 @@ def _problems(c: RecipeConfig):
                     ("draft.k", c.draft.k), ("model.latent_size", c.model.latent_size)]:
         if v < 1:
             yield f"{name} must be >= 1, got {v}"
+    if c.checkpoint.keep < 0:
+        yield f"checkpoint.keep must be >= 0 (0 keeps every checkpoint), got {c.checkpoint.keep}"
+    if not c.sampler.shift > 0:
+        yield f"sampler.shift must be > 0 (1: no shift), got {c.sampler.shift}"
+    for name, names in [("reward.names", c.reward.names), ("eval.rewards", c.eval.rewards)]:
+        if len(set(names)) != len(names):  # results are keyed by name: a repeated one would be dropped silently
+            yield f"{name}={list(names)} repeats a reward: list each once (weight it with reward.weights)"
     if c.train.steps % max(c.train.updates_per_iteration, 1):
         yield (f"train.steps={c.train.steps} is not a multiple of train.updates_per_iteration="
                f"{c.train.updates_per_iteration}: change either")

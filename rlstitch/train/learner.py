@@ -277,8 +277,8 @@ class Learner:
 
     def weights(self, which: str) -> dict[str, Tensor]:
         """Published weights: "sample" (what rollouts use: NFT's old policy, DRaFT's current), "current", "ema"."""
-        if which == "ema":
-            return {k: v.detach().cpu().clone() for k, v in self.ema.items()}
+        if which == "ema":  # over the current state: full finetuning also publishes the buffers the EMA lacks
+            return self.policy.state() | {k: v.detach().cpu().clone() for k, v in self.ema.items()}
         slot = "old" if which == "sample" and self.cfg.algorithm == "nft" else L.DEFAULT
         return self.policy.state(slot)
 

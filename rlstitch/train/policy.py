@@ -208,7 +208,9 @@ class PromptStream:
         return {"epoch": self.epoch, "offset": self.offset, "size": len(self.prompts), "seed": self.seed}
 
     def load_state(self, state: dict) -> None:
-        """Resume at a saved data position (the prompt list must be the same size)."""
+        """Resume at a saved data position (the prompt list must be the same size). The saved seed is kept: the
+        offset counts into that seed's visiting order, so another seed would repeat and skip prompts."""
         if state["size"] != len(self.prompts):
             raise ValueError(f"checkpoint was taken over {state['size']} prompts, now {len(self.prompts)}")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self.seed = int(state.get("seed", self.seed))

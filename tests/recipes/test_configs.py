@@ -32,6 +32,15 @@ def test_every_recipe_has_a_tiny_default_and_a_launch_docstring():
         assert text.startswith(f'"""python recipes/{recipe}.py')
 
 
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (ROOT / "recipes").glob("*.py") if p.stem != "driver"))
+def test_every_recipe_docstring_starts_with_its_launch_command(recipe):
+    import ast
+
+    doc = ast.get_docstring(ast.parse((ROOT / "recipes" / f"{recipe}.py").read_text()), clean=False)
+    first = doc.splitlines()[0]
+    assert first.startswith(("python recipes/", "ray job submit")) and f"python recipes/{recipe}.py" in first, first
+
+
 @pytest.mark.parametrize(("override", "knob"), [
     (["rollout.prompts_per_iteration=3", "placement.rollout.num_workers=2"], "placement.rollout.num_workers"),
     (["placement.learner.num_workers=3"], "placement.learner.num_workers"),

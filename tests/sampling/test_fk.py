@@ -201,3 +201,11 @@ def test_best_of_n_and_errors():
                     sampler=FlowSampler(steps=4), cfg_scale=1.0, latent_hw=(4, 4))
     with pytest.raises(ValueError, match="non-finite"):
         run(["ab"], [0], fk.FKConfig(particles=2, resample_every=2), value_fn=lambda z, t, p: torch.full((len(z),), math.nan))
+
+
+def test_equal_weights_never_resample_whatever_the_threshold():
+    # ESS = N exactly for equal weights; rounding (e.g. 4.999999999999999 for N=5) must not trigger a resample
+    for n in range(1, 33):
+        log_w = torch.full((2, n), 0.3)
+        assert fk.needs_resample(log_w, adaptive=True, threshold=1.0).tolist() == [False, False], n
+    assert fk.needs_resample(torch.tensor([[0.0, 0.0, 0.0, 1e-3]]), adaptive=True, threshold=1.0).tolist() == [True]

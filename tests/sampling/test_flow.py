@@ -65,3 +65,41 @@ def test_sde_seeding_is_per_row_and_batch_invariant():
 def test_bad_start_stop():
     with pytest.raises(ValueError, match="start <= stop"):
         FlowSampler(steps=4).sample(lambda z, t: z, torch.zeros(1), start=3, stop=2)
+
+
+def test_time_grid_rejects_a_non_positive_shift():
+    # shift 0 gives 0/0 = NaN at t=1, a negative shift a pole inside (0, 1): both must fail loudly
+    for shift in (0.0, -1.0):
+        with pytest.raises(ValueError, match="shift must be > 0"):
+            time_grid(4, shift)
+
+
+def test_generate_puts_the_initial_noise_on_the_model_device():
+    from torch import nn
+
+    from rlstitch.models.condition import Condition
+    from rlstitch.sampling.generate import generate
+
+    class MetaBackbone(nn.Module):
+        """A backbone whose weights live on another device ('meta'): inputs elsewhere are an error."""
+
+        latent_channels = 4
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1, device="meta"))
+
+        def encode_prompts(self, prompts):
+            return Condition(torch.zeros(len(prompts), 1, 1), torch.zeros(len(prompts), 1))
+
+        def null_condition(self):
+            return Condition(torch.zeros(1, 1, 1), torch.zeros(1, 1))
+
+        def velocity(self, z, t, cond=None):
+            assert z.device == self.w.device, f"latent on {z.device}, model on {self.w.device}"
+            return torch.zeros_like(z)
+
+    for sde in (False, True):
+        out = generate(MetaBackbone(), None, ["a", "b"], sampler=FlowSampler(steps=2, sde=sde), cfg_scale=1.0,
+                       latent_hw=(2, 2), decode=False)
+        assert out.device.type == "meta" and out.shape == (2, 4, 2, 2)

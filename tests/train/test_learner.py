@@ -136,3 +136,40 @@ def test_config_errors_name_the_knob():
         load_config(RecipeConfig, ["rollout.group_size=1"])
     with pytest.raises(ConfigError, match="unknown|not in|bogus"):
         load_config(RecipeConfig, ["train.bogus=1"])
+
+
+def test_prompt_stream_resumes_in_the_checkpoints_order_whatever_the_new_seed():
+    a = PromptStream(PROMPTS, seed=1)
+    a.next(3)
+    b = PromptStream(PROMPTS, seed=2)  # a resume whose train.seed differs from the checkpoint's
+    b.load_state(a.state())
+    assert b.next(9) == a.next(9)  # neither repeats nor skips a prompt of the saved order
+
+
+@pytest.mark.parametrize(("override", "knob"), [
+    (["sampler.shift=0"], "sampler.shift"),
+    (["sampler.shift=-2"], "sampler.shift"),
+    (["reward.names=[tiny-clip,tiny-clip]", "reward.weights=[0.5,0.5]", "reward.stitches=[a,b]"], "reward.names"),
+    (["eval.rewards=[tiny-clip,tiny-clip]"], "eval.rewards"),
+])
+def test_config_rejects_degenerate_schedules_and_duplicate_rewards(override, knob):
+    from rlstitch.config import ConfigError
+
+    with pytest.raises(ConfigError, match=knob.replace(".", r"\.")):
+        load_config(RecipeConfig, override)
+
+
+def test_full_finetuning_publishes_ema_weights_a_rollout_policy_can_load():
+    # lora.enabled=false on a transformer with buffers (SD3's pos_embed): the EMA eval sync must carry them too
+    from rlstitch.models.backbone import SD3Backbone
+    from rlstitch.tinyworld import models as tm
+
+    cfg = load_config(RecipeConfig, [*SMALL, "algorithm=draft", "lora.enabled=false", "eval.use_ema=true"])
+    assert any(True for _ in tm.build("sd3", seed=1).buffers())
+    policy = Policy(SD3Backbone(tm.build("sd3", seed=1).eval(), name="rand-sd3"), lora=False)
+    learner = Learner(cfg, policy, TorchEngine(policy, policy.trainable_parameters(), cfg, 1),
+                      value=lambda z, t, p: (z.sum((1, 2, 3)), torch.ones_like(z)))
+    rollout = Policy(SD3Backbone(tm.build("sd3", seed=2).eval(), name="rand-sd3"), lora=False, slots=("evaluation",))
+    for which in ("ema", "current"):
+        rollout.load_state(learner.weights(which), "evaluation")
+        assert all(torch.equal(v, learner.weights(which)[k]) for k, v in rollout.state("evaluation").items())
