@@ -14,6 +14,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 log = logging.getLogger(__name__)
+CALL_TIMEOUT_S = 1800.0  # default longest wait for a group call; pass timeout= to change it
 
 
 @dataclass
@@ -63,6 +64,9 @@ class ActorGroup:
         spec.validate(role)
         self.role, self.spec = role, spec
         one = bundle(spec, role)
+        if not one:
+            raise ValueError(f"{role} workers would reserve no resources (num_cpus=0, num_gpus=0): set "
+                             f"{role}.num_cpus or {role}.num_gpus above 0")
         self.pg = placement_group([dict(one) for _ in range(spec.num_workers)], strategy=spec.strategy)
         try:
             ray.get(self.pg.ready(), timeout=spec.ready_timeout_s)
@@ -91,14 +95,22 @@ class ActorGroup:
         """Start `method` on every worker; returns the object refs."""
         return [getattr(w, method).remote(*args, **kwargs) for w in self.workers]
 
-    def call(self, method: str, *args, timeout: float | None = None, **kwargs) -> list:
-        """Run `method` on every worker and wait for all results."""
-        return ray.get(self.call_async(method, *args, **kwargs), timeout=timeout)
+    def call(self, method: str, *args, timeout: float | None = CALL_TIMEOUT_S, **kwargs) -> list:
+        """Run `method` on every worker and wait for all results (TimeoutError after `timeout` seconds)."""
+        return self._get(self.call_async(method, *args, **kwargs), method, timeout)
 
-    def map(self, method: str, items: Sequence[Any], timeout: float | None = None) -> list:
+    def map(self, method: str, items: Sequence[Any], timeout: float | None = CALL_TIMEOUT_S) -> list:
         """Spread items round-robin over the workers (one call per item); results in item order."""
         refs = [getattr(self.workers[k % len(self.workers)], method).remote(x) for k, x in enumerate(items)]
-        return ray.get(refs, timeout=timeout)
+        return self._get(refs, method, timeout)
+
+    def _get(self, refs: list, method: str, timeout: float | None) -> list:
+        """ray.get with a clear error when the workers do not answer in time."""
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"{self.role} workers did not finish {method!r} within {timeout:g} s; see `ray status` "
+                               "and the worker logs (`ray logs`), or pass a longer timeout") from None
 
     def shutdown(self) -> None:
         """Kill the workers and free the placement group."""

@@ -206,8 +206,10 @@ def _uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def run_chunks(workers: Sequence, method: str, prompts: Sequence[str], seeds: Sequence[int], chunk: int,
-               opts: Mapping, desc: str) -> list[dict]:
-    """Spread prompt chunks round-robin over the rollout actors; results in prompt order, with a progress bar."""
+               opts: Mapping, desc: str, timeout_s: float = 3600.0) -> list[dict]:
+    """Spread prompt chunks round-robin over the rollout actors; results in prompt order, with a progress bar.
+
+    A TimeoutError names the chunks left when none finishes within timeout_s seconds."""
     refs, order = [], {}
     for k, a in enumerate(range(0, len(prompts), chunk)):
         ref = getattr(workers[k % len(workers)], method).remote(prompts[a : a + chunk], seeds[a : a + chunk], opts)
@@ -217,7 +219,10 @@ def run_chunks(workers: Sequence, method: str, prompts: Sequence[str], seeds: Se
     pending = list(refs)
     with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
+            if not done:
+                raise TimeoutError(f"no prompt chunk finished within {timeout_s:g} s (chunks left: "
+                                   f"{sorted(order[r] for r in pending)}); see `ray status` and the rollout actors' logs")
             res = ray.get(done[0])
             results[order[done[0]]] = res
             bar.update(len(res["reward"]))
@@ -228,13 +233,14 @@ def write_outputs(out: Path, prompts: Sequence[str], seeds: Sequence[int], resul
     """images.png (one tile per prompt, in order) and rewards.json (clean reward per prompt and the mean)."""
     from torchvision.utils import save_image
 
-    from rlstitch.io import atomic_write_text
+    from rlstitch.io import atomic_write, atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     images = torch.cat([r["images"] for r in results]).float() / 255
     if images.shape[-1] < 128:  # tiny-world samples are 32 px: enlarge the tiles (nearest) so they can be seen
         images = torch.nn.functional.interpolate(images, scale_factor=-(-128 // images.shape[-1]), mode="nearest")
-    save_image(images, out / "images.png", nrow=min(8, len(images)), padding=1)
+    atomic_write(out / "images.png", lambda tmp: save_image(images, tmp, nrow=min(8, len(images)), padding=1),
+                 suffix=".png")
     reward = [x for r in results for x in r["reward"]]
     summary = {"prompts": list(prompts), "seeds": list(seeds), "reward": reward,
                "reward_mean": sum(reward) / len(reward), **extra}

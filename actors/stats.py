@@ -214,6 +214,12 @@ def collect_distributed(group, shards: list[ProbeShard], tags: dict[str, str], m
     A shard whose worker crashed (after Ray's own actor restart and task retry) or raised is put back in the
     queue, at most max_retries times; a dead worker gets no more shards. Each shard's result is kept once.
     """
+    if not shards:
+        raise ValueError("no probe shards to collect: plan at least one (stats.workers x stats.shards_per_worker)")
+    empty = [s for s in shards if s.images <= 0]
+    if empty:
+        raise ValueError(f"probe shard {empty[0].index} (rows {empty[0].start}..{empty[0].stop}) is empty: "
+                         "plan shards with plan_shards, whose shards hold at least one probe batch")
     queue, idle = deque(shards), deque(range(len(group)))
     inflight: dict = {}
     attempts = {s.index: 0 for s in shards}

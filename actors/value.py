@@ -1,9 +1,9 @@
 """Value actors: a value estimator (StitchVM, Tweedie or Monte Carlo) served on Ray with batched requests.
 
 A request is {"z": latents [B, C, H, W], "t": float or [B], "prompts": list of B strings or None}.
-`value(requests)` / `value_and_grad(requests)` take a LIST of requests, run them as one batched forward and
-return one result per request. A bad request (shape, dtype, NaN/Inf, t outside [0, 1], prompt count) raises
-a ValueError naming the request and the problem to that caller; the actor keeps serving.
+`value(requests)` / `value_and_grad(requests)` take a LIST of requests, run them as one batched forward per
+latent size and return one result per request, in order. A bad request (shape, dtype, NaN/Inf, t outside [0, 1],
+prompt count) raises a ValueError naming the request and the problem to that caller; the actor keeps serving.
 
 - ValueActor: the plain class (usable in-process; Ray wraps it through ActorGroup).
 - ValueActorPool: N actors in one placement group (GPU fractions allowed), round-robin or least-loaded.
@@ -99,12 +99,13 @@ def build_estimator(spec: ValueSpec, device: torch.device | str = "cpu"):
 
 @dataclass
 class Batch:
-    """Requests concatenated along the batch, with the sizes to split the results back."""
+    """Requests of one latent size concatenated along the batch, with the sizes to split the results back."""
 
     z: Tensor
     t: Tensor
     prompts: list[str] | None
     sizes: list[int] = field(default_factory=list)
+    index: list[int] = field(default_factory=list)  # the position of each request in the caller's list
 
 
 def expected_hw(model) -> tuple[int, int] | None:
@@ -143,24 +144,30 @@ def _prompts(prompts, n: int, where: str, model) -> list[str] | None:
         if getattr(model.reward, "kind", "") == "clip":
             raise ValueError(f"{where}: the {model.reward.name} reward needs one prompt per latent, got none")
         return None
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+    if not isinstance(prompts, Sequence) or isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"{where}: prompts must be a list of strings")
     if len(prompts) != n:
         raise ValueError(f"{where}: got {len(prompts)} prompts for a batch of {n} latents")
     return list(prompts)
 
 
-def batch_requests(requests: Sequence, model) -> Batch:
-    """Validate every request, then concatenate them into one batch."""
+def batch_requests(requests: Sequence, model) -> list[Batch]:
+    """Validate every request, then concatenate them into one batch per latent size (H, W)."""
     if not isinstance(requests, (list, tuple)):
         raise ValueError(f"value requests must be a list of dicts, got {type(requests).__name__}")
     parsed = [parse_request(r, k, model) for k, r in enumerate(requests)]
-    if not parsed:
-        return Batch(torch.empty(0), torch.empty(0), None, [])
-    sizes = [len(z) for z, _, _ in parsed]
-    has = [p is not None for _, _, p in parsed]
-    prompts = [q for (z, _, p) in parsed for q in (p if p is not None else [""] * len(z))] if any(has) else None
-    return Batch(torch.cat([z for z, _, _ in parsed]), torch.cat([t for _, t, _ in parsed]), prompts, sizes)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, (z, _, _) in enumerate(parsed):
+        groups.setdefault(tuple(z.shape[1:]), []).append(k)
+    batches = []
+    for index in groups.values():
+        part = [parsed[k] for k in index]
+        sizes = [len(z) for z, _, _ in part]
+        has = [p is not None for _, _, p in part]
+        prompts = [q for (z, _, p) in part for q in (p if p is not None else [""] * len(z))] if any(has) else None
+        batches.append(Batch(torch.cat([z for z, _, _ in part]), torch.cat([t for _, t, _ in part]), prompts, sizes,
+                             index))
+    return batches
 
 
 def split(x: Tensor, sizes: Sequence[int]) -> list[Tensor]:
@@ -188,34 +195,60 @@ class ValueActor:
         parse_request(request, 0, self.model)
 
     def value(self, requests: Sequence[Mapping]) -> list[Tensor]:
-        """V per request ([B] each, on the CPU), from one batched forward."""
-        batch = self._batch(requests)
-        if not batch.sizes:
-            return []
-        start = time.perf_counter()
-        with torch.no_grad():
-            v = self._forward(batch).cpu()
-        self._record(batch, v, time.perf_counter() - start)
-        return split(v, batch.sizes)
+        """V per request ([B] each, on the CPU), from one batched forward per latent size."""
+        batches = self._batch(requests)
+        out: list = [None] * len(requests)
+        for batch in batches:
+            if len(batch.z):
+                start = time.perf_counter()
+                with torch.no_grad():
+                    v = self._forward(batch).cpu()
+                self._record(batch, v, time.perf_counter() - start)
+            else:  # only empty requests: nothing to run
+                v = torch.empty(0)
+            for k, piece in zip(batch.index, split(v, batch.sizes)):
+                out[k] = piece
+        return out
 
     def value_and_grad(self, requests: Sequence[Mapping]) -> list[tuple[Tensor, Tensor]]:
-        """(V [B], dV/dz [B, C, H, W]) per request, from one batched forward and backward."""
-        batch = self._batch(requests)
-        if not batch.sizes:
-            return []
-        start = time.perf_counter()
-        v, g = self.model.value_and_grad(batch.z.to(self.device), batch.t.to(self.device), batch.prompts)
-        v, g = v.cpu(), g.cpu()
-        self._record(batch, v, time.perf_counter() - start)
-        return list(zip(split(v, batch.sizes), split(g, batch.sizes)))
+        """(V [B], dV/dz [B, C, H, W]) per request, from one batched forward and backward per latent size."""
+        batches = self._batch(requests)
+        out: list = [None] * len(requests)
+        for batch in batches:
+            if len(batch.z):
+                start = time.perf_counter()
+                v, g = self.model.value_and_grad(batch.z.to(self.device), batch.t.to(self.device), batch.prompts)
+                v, g = v.cpu(), g.cpu()
+                self._record(batch, v, time.perf_counter() - start)
+            else:
+                v, g = torch.empty(0), torch.empty_like(batch.z)
+            for k, pv, pg in zip(batch.index, split(v, batch.sizes), split(g, batch.sizes)):
+                out[k] = (pv, pg)
+        return out
+
+    def each(self, method: str, requests: Sequence[Mapping]) -> list:
+        """`method` over requests batched; if the batch fails, each request alone, with its exception in place of
+        its result (Serve batches requests of different callers: one bad request must not fail the others)."""
+        try:
+            return getattr(self, method)(requests)
+        except Exception:
+            if len(requests) == 1:
+                raise
+        out = []
+        for r in requests:
+            try:
+                out.append(getattr(self, method)([r])[0])
+            except Exception as e:
+                out.append(e)
+        return out
 
     def info(self) -> dict:
         """Rank, what it hosts and how much it has served."""
         return {"rank": self.rank, "kind": self.spec.kind, "device": str(self.device), "calls": self.calls,
                 "latents": self.latents, "errors": self.errors, "latent_channels": self.model.latent_channels}
 
-    def _batch(self, requests) -> Batch:
-        """Validated batch; a bad request counts as an error and is raised to its caller."""
+    def _batch(self, requests) -> list[Batch]:
+        """Validated batches (one per latent size); a bad request counts as an error and is raised to its caller."""
         try:
             return batch_requests(requests, self.model)
         except ValueError:
@@ -270,19 +303,23 @@ class Balancer:
 
 
 class ValueClient:
-    """Sends request lists to value actors with a balancing policy; picklable (rollout actors hold one)."""
+    """Sends request lists to value actors with a balancing policy; picklable (rollout actors hold one).
 
-    def __init__(self, handles: Sequence, policy: str = "least_loaded"):
+    Every wait is bounded: `timeout_s` (unless a call passes its own timeout) ends in a TimeoutError naming the actor.
+    """
+
+    def __init__(self, handles: Sequence, policy: str = "least_loaded", timeout_s: float = 1800.0):
         self.handles = list(handles)
         self.balancer = Balancer(len(self.handles), policy)
+        self.timeout_s = timeout_s
         self.pending: list[list] = [[] for _ in self.handles]
 
     def __getstate__(self) -> dict:
         """In-flight refs stay with the sender."""
-        return {"handles": self.handles, "policy": self.balancer.policy}
+        return {"handles": self.handles, "policy": self.balancer.policy, "timeout_s": self.timeout_s}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["handles"], state["policy"])
+        self.__init__(state["handles"], state["policy"], state.get("timeout_s", 1800.0))
 
     def loads(self) -> list[int]:
         """Requests still in flight per actor."""
@@ -299,13 +336,23 @@ class ValueClient:
         self.pending[k].append(ref)
         return k, ref
 
+    def call(self, method: str, requests: Sequence[Mapping], timeout: float | None = None):
+        """`method` on the chosen actor, waited for at most `timeout` (default timeout_s) seconds."""
+        k, ref = self.submit(method, requests)
+        timeout = self.timeout_s if timeout is None else timeout
+        try:
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"value actor {k} did not answer {method!r} within {timeout:g} s; see `ray status` and "
+                               "the actor's logs, or raise the value client's timeout_s") from None
+
     def value(self, requests: Sequence[Mapping], timeout: float | None = None) -> list[Tensor]:
         """Batched values, one per request."""
-        return ray.get(self.submit("value", requests)[1], timeout=timeout)
+        return self.call("value", requests, timeout)
 
     def value_and_grad(self, requests: Sequence[Mapping], timeout: float | None = None) -> list[tuple[Tensor, Tensor]]:
         """Batched (value, gradient) pairs, one per request."""
-        return ray.get(self.submit("value_and_grad", requests)[1], timeout=timeout)
+        return self.call("value_and_grad", requests, timeout)
 
     def value_fn(self):
         """(z, t, prompts) -> V: the FK-steering interface."""
@@ -320,10 +367,10 @@ class ValueActorPool:
     """N value actors placed through one ActorGroup (role "value"), load-balanced by a ValueClient."""
 
     def __init__(self, spec: ValueSpec | Mapping | None = None, role: RoleSpec | None = None,
-                 policy: str = "least_loaded", tags: Mapping[str, str] | None = None):
+                 policy: str = "least_loaded", tags: Mapping[str, str] | None = None, timeout_s: float = 1800.0):
         self.spec = as_spec(spec)
         self.group = ActorGroup(ValueActor, role or RoleSpec(), asdict(self.spec), tags=dict(tags or {}), role="value")
-        self.client = ValueClient(self.group.workers, policy)
+        self.client = ValueClient(self.group.workers, policy, timeout_s)
 
     def __len__(self) -> int:
         return len(self.group)
@@ -338,7 +385,7 @@ class ValueActorPool:
 
     def info(self) -> list[dict]:
         """Every actor's info()."""
-        return self.group.call("info")
+        return self.group.call("info", timeout=self.client.timeout_s)
 
     def shutdown(self) -> None:
         """Kill the actors and free their placement group."""
@@ -364,12 +411,12 @@ class ValueDeployment:
     async def value(self, request: Mapping) -> Tensor:
         """V of one request; a bad request fails alone, before it joins a batch."""
         self.actor.check(request)
-        return await self._value_batch(request)
+        return _result(await self._value_batch(request))
 
     async def value_and_grad(self, request: Mapping) -> tuple[Tensor, Tensor]:
         """(V, grad) of one request."""
         self.actor.check(request)
-        return await self._grad_batch(request)
+        return _result(await self._grad_batch(request))
 
     def info(self) -> dict:
         """The hosted actor's info (calls counts batches, latents counts latents)."""
@@ -378,11 +425,11 @@ class ValueDeployment:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _value_batch(self, requests: list[Mapping]) -> list[Tensor]:
         # The forward runs in a thread so the event loop keeps queueing the next batch.
-        return await asyncio.to_thread(self.actor.value, list(requests))
+        return await asyncio.to_thread(self.actor.each, "value", list(requests))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _grad_batch(self, requests: list[Mapping]) -> list[tuple[Tensor, Tensor]]:
-        return await asyncio.to_thread(self.actor.value_and_grad, list(requests))
+        return await asyncio.to_thread(self.actor.each, "value_and_grad", list(requests))
 
     async def __call__(self, http_request) -> Any:
         """Debug HTTP route: POST {"z": nested list, "t": ..., "prompts": [...], "grad": false}."""
@@ -397,6 +444,13 @@ class ValueDeployment:
             return {"value": (await self.value(req)).tolist()}
         except (ValueError, KeyError, TypeError) as e:
             return JSONResponse({"error": str(e)}, status_code=400)
+
+
+def _result(x):
+    """A batched result, or the exception of a request that failed alone (raised to its caller only)."""
+    if isinstance(x, Exception):
+        raise x
+    return x
 
 
 def actor_options(role: RoleSpec) -> dict:

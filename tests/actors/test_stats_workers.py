@@ -114,6 +114,19 @@ def test_crashed_stats_worker_gives_the_identical_fit(probe, distributed, random
     assert os.path.exists(marker)
 
 
+def test_collect_without_shards_or_with_empty_ones_is_a_clear_error():
+    from actors.stats import ProbeShard, collect_distributed
+
+    class NoWorkers(list):
+        workers: list = []
+
+    tags = {"role": "stats", "recipe": "test", "run": "test"}
+    with pytest.raises(ValueError, match="no probe shards to collect"):
+        collect_distributed(NoWorkers(), [], tags, progress=False)
+    with pytest.raises(ValueError, match=r"probe shard 1 \(rows 4\.\.4\) is empty"):
+        collect_distributed(NoWorkers(), [ProbeShard(0, 0, 4, 4, 0), ProbeShard(1, 4, 4, 4, 0)], tags, progress=False)
+
+
 @pytest.mark.parametrize("count,group", [(1, 2), (5, 2), (8, 2), (7, 3)])
 def test_ordered_merge_is_independent_of_arrival_order(count, group):
     from actors.stats import _OrderedMerge

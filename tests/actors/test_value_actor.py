@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,6 +63,7 @@ BAD = [
     ({"z": torch.randn(2, 4, 8, 8), "t": [0.1, 0.2, 0.3], "prompts": PROMPTS[:2]}, "t must be a scalar or shape"),
     ({"z": torch.randn(2, 4, 8, 8), "t": 0.5, "prompts": PROMPTS}, "got 3 prompts for a batch of 2"),
     ({"z": torch.randn(2, 4, 8, 8), "t": 0.5}, "needs one prompt per latent"),
+    ({"z": torch.randn(2, 4, 8, 8), "t": 0.5, "prompts": 5}, "prompts must be a list of strings"),
     ({"z": torch.randn(1, 4, 8, 8), "time": 0.5}, "keys must be z, t"),
     ("not a dict", "must be a dict"),
 ]
@@ -85,6 +87,83 @@ def test_bad_request_is_named_in_a_list_and_half_precision_is_accepted(tweedie_a
     half = tweedie_actor.value([{**good, "z": good["z"].half()}])[0]
     torch.testing.assert_close(half, tweedie_actor.value([good])[0], atol=2e-2, rtol=0)
     assert tweedie_actor.value([]) == []
+
+
+class AnySize(torch.nn.Module):
+    """A prompt-free stand-in estimator of any latent size, V = scale * mean(z) + t; like the tiny SD3 it fails on
+    latents wider than 8 and on empty batches, and it counts its forwards."""
+
+    latent_channels = 4
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.reward = SimpleNamespace(kind="aesthetic", name="stub")
+        self.forwards = 0
+
+    def value(self, z, t, prompts=None):
+        self.forwards += 1
+        if len(z) == 0:
+            raise RuntimeError("cannot reshape tensor of 0 elements")
+        if z.shape[-1] > 8:
+            raise ValueError(f"Width ({z.shape[-1]}) cannot be greater than `pos_embed_max_size`: 8.")
+        return self.scale * z.flatten(1).mean(1) + t
+
+    def value_and_grad(self, z, t, prompts=None):
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            v = self.value(z, t, prompts)
+            (g,) = torch.autograd.grad(v.sum(), z)
+        return v.detach(), g
+
+
+def any_size_actor() -> ValueActor:
+    return ValueActor(ValueSpec(kind="tweedie"), estimator=AnySize())
+
+
+def test_requests_of_different_latent_sizes_are_answered_in_order():
+    actor = any_size_actor()
+    reqs = [{"z": torch.randn(2, 4, 8, 8), "t": 0.2}, {"z": torch.randn(1, 4, 4, 6), "t": [0.7]},
+            {"z": torch.randn(3, 4, 8, 8), "t": 0.9}]
+    together = actor.value(reqs)
+    assert actor.model.forwards == 2  # one forward per latent size
+    for v, r in zip(together, reqs):
+        torch.testing.assert_close(v, actor.value([r])[0])
+    for (v, g), r in zip(actor.value_and_grad(reqs), reqs):
+        assert v.shape == (len(r["z"]),) and g.shape == r["z"].shape
+        torch.testing.assert_close(g, torch.full_like(r["z"], 1 / r["z"][0].numel()))
+
+
+def test_requests_without_latents_get_empty_results(tweedie_actor):
+    empty = {"z": torch.randn(0, 4, 8, 8), "t": 0.5, "prompts": []}
+    (v,) = tweedie_actor.value([empty])
+    assert v.shape == (0,)
+    ((v, g),) = tweedie_actor.value_and_grad([empty])
+    assert v.shape == (0,) and g.shape == (0, 4, 8, 8)
+    one = requests_of([1])[0]
+    v0, v1 = tweedie_actor.value([empty, one])
+    assert v0.shape == (0,) and v1.shape == (1,)
+
+
+def test_serve_batch_keeps_a_failing_request_from_other_callers():
+    """A request that fails inside the batched forward fails alone; the others in its batch get their values."""
+    import asyncio
+
+    from actors.value import ValueDeployment, _result
+
+    cls = ValueDeployment.func_or_class
+    dep = cls.__new__(cls)  # no Serve replica: call the functions @serve.batch hands the joined requests to
+    dep.actor = any_size_actor()
+    reqs = [{"z": torch.randn(1, 4, 8, 8), "t": 0.5}, {"z": torch.randn(1, 4, 8, 16), "t": 0.5},
+            {"z": torch.randn(2, 4, 8, 8), "t": 0.1}]
+    want = dep.actor.value([reqs[0], reqs[2]])
+    for name in ("_value_batch", "_grad_batch"):
+        good0, bad, good2 = asyncio.run(getattr(cls, name).__wrapped__(dep, reqs))
+        with pytest.raises(ValueError, match="pos_embed_max_size"):
+            _result(bad)
+        got = (good0, good2) if name == "_value_batch" else (good0[0], good2[0])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(_result(a), b)
 
 
 def test_spec_validation():
@@ -232,3 +311,27 @@ def test_serve_http_route_on_loopback(ray_local, stitch_spec):
             urllib.request.urlopen(bad, timeout=WAIT)
     finally:
         serve.shutdown()
+
+
+@pytest.mark.slow
+def test_value_client_waits_time_out_with_a_clear_error(ray_local):
+    import pickle
+
+    import ray
+
+    from actors.value import ValueClient
+
+    @ray.remote(num_cpus=0)
+    class Stuck:
+        def value(self, requests):
+            time.sleep(60)
+
+    handle = Stuck.remote()
+    try:
+        assert ValueClient([handle]).timeout_s is not None  # no wait on a value actor is unbounded by default
+        client = ValueClient([handle], timeout_s=0.5)
+        assert pickle.loads(pickle.dumps(client)).timeout_s == 0.5  # rollout actors hold copies
+        with pytest.raises(TimeoutError, match=r"value actor 0 did not answer 'value' within 0\.5 s"):
+            client.value_fn()(torch.zeros(1, 4, 8, 8), 0.5, None)
+    finally:
+        ray.kill(handle)

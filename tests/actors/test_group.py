@@ -1,0 +1,52 @@
+"""ActorGroup: waits that time out with a clear error, impossible bundles, shutdown that frees the placement group."""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import pytest
+
+from actors.group import ActorGroup, RoleSpec
+
+
+def napper():
+    """An actor class defined in a function, so Ray pickles it by value (workers cannot import test modules)."""
+
+    class Napper:
+        def __init__(self, rank: int = 0, world_size: int = 1):
+            self.rank = rank
+
+        def nap(self, seconds: float) -> float:
+            time.sleep(seconds)
+            return seconds
+
+    return Napper
+
+
+def test_group_waits_have_a_default_timeout():
+    for method in (ActorGroup.call, ActorGroup.map):
+        assert inspect.signature(method).parameters["timeout"].default is not None
+
+
+@pytest.mark.slow
+def test_group_waits_time_out_clearly_and_shutdown_twice_frees_the_group(ray_local):
+    from ray.util import placement_group_table
+
+    group = ActorGroup(napper(), RoleSpec(num_workers=1, num_cpus=0.5), role="stats")
+    try:
+        assert group.call("nap", 0, timeout=600) == [0]
+        with pytest.raises(TimeoutError, match=r"stats workers did not finish 'nap' within 0\.5 s"):
+            group.call("nap", 60, timeout=0.5)
+        with pytest.raises(TimeoutError, match=r"stats workers did not finish 'nap' within 0\.5 s"):
+            group.map("nap", [60], timeout=0.5)
+    finally:
+        group.shutdown()
+        group.shutdown()  # a second shutdown (e.g. from a driver's cleanup) is harmless
+    assert placement_group_table(group.pg)["state"] == "REMOVED"
+
+
+@pytest.mark.slow
+def test_a_worker_that_reserves_nothing_is_a_clear_error(ray_local):
+    with pytest.raises(ValueError, match=r"value workers would reserve no resources"):
+        ActorGroup(napper(), RoleSpec(num_cpus=0, num_gpus=0), role="value")
