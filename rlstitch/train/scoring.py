@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from rlstitch.value.base import ValueEstimator, check_latent
+from rlstitch.value.base import ValueEstimator, check_latent, check_prompts
 
 
 class CleanReward(ValueEstimator):
@@ -49,8 +49,7 @@ class CleanReward(ValueEstimator):
         t = check_latent(z, t, self.latent_channels, self.name)
         if bool((t != 0).any()):
             raise ValueError(f"{self.name}: scores clean latents only (t=0), got t={t.tolist()}")
-        if prompts is not None and len(prompts) != z.shape[0]:
-            raise ValueError(f"{self.name}: got {len(prompts)} prompts for a batch of {z.shape[0]} latents")
+        check_prompts(prompts, z.shape[0], self.name)
         return self.reward.score(self.codec.decode(z), prompts)
 
 

@@ -34,6 +34,12 @@ def check_latent(z: Tensor, t: Tensor | float, channels: int, name: str) -> Tens
     return t
 
 
+def check_prompts(prompts: Sequence[str] | None, n: int, name: str) -> None:
+    """None, or one prompt per latent of the batch."""
+    if prompts is not None and len(prompts) != n:
+        raise ValueError(f"{name}: got {len(prompts)} prompts for a batch of {n} latents")
+
+
 class ValueEstimator(nn.Module):
     """V(z_t, t, prompts) ~ E[r(D(z0)) | z_t]. Subclasses implement `embed` (or override `value`)."""
 
@@ -51,8 +57,7 @@ class ValueEstimator(nn.Module):
     def value(self, z: Tensor, t: Tensor | float, prompts: Sequence[str] | None = None) -> Tensor:
         """Value per latent [B]."""
         t = check_latent(z, t, self.latent_channels, self.name)
-        if prompts is not None and len(prompts) != z.shape[0]:
-            raise ValueError(f"{self.name}: got {len(prompts)} prompts for a batch of {z.shape[0]} latents")
+        check_prompts(prompts, z.shape[0], self.name)
         return self.reward.score_embedding(self.embed(z, t), prompts)
 
     def value_and_grad(self, z: Tensor, t: Tensor | float, prompts: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:

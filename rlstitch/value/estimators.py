@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from rlstitch.sampling.flow import FlowSampler, _bcast
-from rlstitch.value.base import ValueEstimator, check_latent
+from rlstitch.value.base import ValueEstimator, check_latent, check_prompts
 
 
 class Tweedie(ValueEstimator):
@@ -41,6 +41,7 @@ class MonteCarlo(ValueEstimator):
     def value(self, z: Tensor, t: Tensor | float, prompts: Sequence[str] | None = None) -> Tensor:
         """Average reward of K rollouts; t must be one time for the whole batch."""
         t = check_latent(z, t, self.latent_channels, self.name)
+        check_prompts(prompts, z.shape[0], self.name)  # before the rollouts, not after the first one
         if not bool((t == t[0]).all()):
             raise ValueError("monte_carlo: one t per call (rollouts share a time grid)")
         grid = self.sampler.timesteps()
