@@ -141,7 +141,11 @@ class LearnerGroup:
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._fit, args=(trainer,), name="learner-fit", daemon=True)
         self.thread.start()
-        self.info = self._collect("ready", timeout=max(self.timeout, role.ready_timeout_s))
+        try:
+            self.info = self._collect("ready", timeout=max(self.timeout, role.ready_timeout_s))
+        except BaseException:  # the caller gets no group to shut down: stop the ranks and free the queues here
+            self.shutdown()
+            raise
 
     def _fit(self, trainer) -> None:
         """Run the trainer; remember why it ended if it failed."""

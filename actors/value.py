@@ -191,8 +191,8 @@ class ValueActor:
         self.calls = self.latents = self.errors = 0
 
     def check(self, request: Mapping) -> None:
-        """Validate one request (a ValueError names the problem)."""
-        parse_request(request, 0, self.model)
+        """Validate one request (a ValueError names the problem; counted like a bad batch)."""
+        self._batch([request])
 
     def value(self, requests: Sequence[Mapping]) -> list[Tensor]:
         """V per request ([B] each, on the CPU), from one batched forward per latent size."""

@@ -237,7 +237,7 @@ def node_resources(cluster: Mapping) -> dict[str, dict]:
 
 def provided_resources(cluster: Mapping) -> set[str]:
     """Custom resource names (roles) offered by any node type / worker group of a cluster file."""
-    names = {key for res in node_resources(cluster).values() for key in res}
+    names = {key for res in node_resources(cluster).values() for key, amount in res.items() if float(amount) > 0}
     return names - BUILTIN_RESOURCES
 
 
@@ -245,7 +245,7 @@ def head_num_cpus(cluster: Mapping) -> float | None:
     """CPUs the head node advertises to Ray (None when the file leaves it to auto-detection)."""
     if is_kuberay(cluster):
         spec, _ = _cluster_spec(cluster)
-        params = (spec or {}).get("headGroupSpec", {}).get("rayStartParams") or {}
+        params = ((spec or {}).get("headGroupSpec") or {}).get("rayStartParams") or {}
         return float(params["num-cpus"]) if "num-cpus" in params else None
     head = (cluster.get("available_node_types") or {}).get(cluster.get("head_node_type"), {})
     cpus = (head.get("resources") or {}).get("CPU")

@@ -50,3 +50,29 @@ def test_group_waits_time_out_clearly_and_shutdown_twice_frees_the_group(ray_loc
 def test_a_worker_that_reserves_nothing_is_a_clear_error(ray_local):
     with pytest.raises(ValueError, match=r"value workers would reserve no resources"):
         ActorGroup(napper(), RoleSpec(num_cpus=0, num_gpus=0), role="value")
+
+
+@pytest.mark.slow
+def test_a_learner_group_that_cannot_start_frees_its_queues(ray_local, tmp_path, monkeypatch):
+    """Ranks that fail to build their learner (no models under tiny_dir) raise, and leave no queue actors behind."""
+    import ray
+    from ray.util.queue import Queue
+
+    import actors.learner as L
+    from rlstitch.train.config import RecipeConfig
+
+    made = []  # a handle to each queue's actor (Queue.shutdown drops its own)
+
+    def queue() -> Queue:
+        q = Queue()
+        made.append(q.actor)
+        return q
+
+    monkeypatch.setattr(L, "Queue", queue)
+    with pytest.raises(RuntimeError, match="learner rank 0 failed in 'ready'"):
+        L.LearnerGroup(RecipeConfig(), RoleSpec(num_workers=1, num_cpus=1), {"run": "fail"}, tiny_dir=str(tmp_path),
+                       storage=tmp_path / "ray_train")
+    assert len(made) == 2  # one inbox, the outbox
+    for handle in made:
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(handle.qsize.remote(), timeout=60)

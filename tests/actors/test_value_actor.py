@@ -74,7 +74,9 @@ def test_bad_input_is_a_clear_error_and_the_actor_keeps_serving(tweedie_actor, r
     errors = tweedie_actor.info()["errors"]
     with pytest.raises(ValueError, match=msg):
         tweedie_actor.value([req])
-    assert tweedie_actor.info()["errors"] == errors + 1
+    with pytest.raises(ValueError, match=msg):  # Serve's check before a request joins a batch
+        tweedie_actor.check(req)
+    assert tweedie_actor.info()["errors"] == errors + 2
     assert tweedie_actor.value(requests_of([1]))[0].shape == (1,)
 
 

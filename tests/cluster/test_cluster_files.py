@@ -198,3 +198,11 @@ def test_head_has_zero_cpus(path):
     assert cf.head_num_cpus(config) == 0
     if not cf.is_kuberay(config):
         assert "--num-cpus=0" in " ".join(config["head_start_ray_commands"])
+
+
+def test_resources_offered_at_zero_and_a_null_head_group_are_handled():
+    """A role offered with amount 0 is not provided; a KubeRay head group left null reads as auto-detected CPUs."""
+    ray_up = {"head_node_type": "head", "available_node_types": {
+        "head": {"resources": {"CPU": 0}}, "gpu": {"resources": {"GPU": 1, "rollout": 0, "learner": 1}}}}
+    assert cf.provided_resources(ray_up) == {"learner"}
+    assert cf.head_num_cpus({"apiVersion": "ray.io/v1", "kind": "RayCluster", "spec": {"headGroupSpec": None}}) is None
