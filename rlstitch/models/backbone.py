@@ -79,6 +79,11 @@ class DiffusionBackbone(nn.Module):
         """Parameter dtype of the transformer."""
         return next(self.model.parameters()).dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Device of the transformer's parameters (inputs are moved there)."""
+        return next(self.model.parameters()).device
+
     def encode_prompts(self, prompts: Sequence[str]) -> Condition:
         """Text condition for a list of prompts (needs a text encoder)."""
         if self.text_encoder is None:
@@ -98,8 +103,8 @@ class DiffusionBackbone(nn.Module):
                 )
         return self._null
 
-    def _check(self, z: Tensor, t: Tensor | float, cond: Condition | None) -> tuple[Tensor, Condition]:
-        """Validate inputs and broadcast t / cond to the batch."""
+    def _check(self, z: Tensor, t: Tensor | float, cond: Condition | None) -> tuple[Tensor, Tensor, Condition]:
+        """Validate inputs, broadcast t / cond to the batch and move all three to the model's device and dtype."""
         if z.dim() != 4 or z.shape[1] != self.latent_channels:
             raise ValueError(f"{self.name}: latent must be [B, {self.latent_channels}, H, W], got {tuple(z.shape)}")
         if z.shape[2] % self.patch_size or z.shape[3] % self.patch_size:
@@ -107,28 +112,29 @@ class DiffusionBackbone(nn.Module):
         if not torch.isfinite(z).all():
             raise ValueError(f"{self.name}: latent contains NaN or Inf")
         cond = (cond if cond is not None else self.null_condition()).expand(z.shape[0])
-        t = _as_time(t, z.shape[0], z.device, torch.float32)
-        return t, cond.to(z.device, self.dtype)
+        t = _as_time(t, z.shape[0], z.device, torch.float32)  # validated where z is, then moved
+        device = self.device
+        return z.to(device, self.dtype), t.to(device), cond.to(device, self.dtype)
 
     def velocity(self, z: Tensor, t: Tensor | float, cond: Condition | None = None) -> Tensor:
         """Predicted velocity v = eps - z0 at (z_t, t), in float32."""
-        t, cond = self._check(z, t, cond)
-        return self._forward(z.to(self.dtype), t, cond, None).float()
+        z, t, cond = self._check(z, t, cond)
+        return self._forward(z, t, cond, None).float()
 
     def features(self, z: Tensor, t: Tensor | float, cond: Condition | None = None, *, upto: int) -> Tensor:
         """Image tokens [B, h_u*w_u, d_u] after block `upto` (1..num_blocks), by a truncated forward."""
         if not 1 <= upto <= self.num_blocks:
             raise ValueError(f"{self.name}: upto must be in 1..{self.num_blocks}, got {upto}")
-        t, cond = self._check(z, t, cond)
-        return self._forward(z.to(self.dtype), t, cond, upto)
+        z, t, cond = self._check(z, t, cond)
+        return self._forward(z, t, cond, upto)
 
     def features_all(self, z: Tensor, t: Tensor | float, cond: Condition | None = None, *, upto: int) -> list[Tensor]:
         """Image tokens after each block 1..upto, from one truncated forward."""
         keep: list[Tensor] = []
         if not 1 <= upto <= self.num_blocks:
             raise ValueError(f"{self.name}: upto must be in 1..{self.num_blocks}, got {upto}")
-        t, cond = self._check(z, t, cond)
-        self._forward(z.to(self.dtype), t, cond, upto, keep)
+        z, t, cond = self._check(z, t, cond)
+        self._forward(z, t, cond, upto, keep)
         return keep
 
 

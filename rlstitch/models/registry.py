@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from rlstitch.io import atomic_save, atomic_write_text
@@ -113,10 +114,21 @@ def _tiny_dir(folder: str, path: str | Path | None) -> Path:
     return d
 
 
+def _safetensors(file: Path, name: str) -> dict:
+    """A safetensors file's tensors; a missing or unreadable file is a clear error naming it."""
+    if not file.is_file():
+        raise _missing(name, str(file), "nothing: run `python -m rlstitch.tinyworld.build`")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
 def _from_pretrained(cls, name: str, source: str, hub: str, subfolder: str, dtype, allow_download: bool):
     """diffusers from_pretrained (local files only unless allowed) with a clear error naming the hub repo."""
     try:
-        return cls.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype, local_files_only=not allow_download)
+        return cls.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype, local_files_only=not allow_download,
+                                   use_safetensors=True)  # never fall back to a pickled .bin
     except (OSError, ValueError) as e:
         raise _missing(name, f"{source} (subfolder {subfolder}/)", f"the hub repo {hub!r}") from e
 
@@ -128,7 +140,7 @@ def load_codec(name: str, path: str | None = None, dtype=torch.float32, device="
     if name not in CODECS:
         raise KeyError(f"unknown codec {name!r}; known: {sorted(CODECS)}")
     if name.startswith("tiny-"):
-        vae = AutoencoderKL.from_pretrained(_tiny_dir(CODECS[name], path), torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(_tiny_dir(CODECS[name], path), torch_dtype=dtype, use_safetensors=True)
     else:
         vae = _from_pretrained(AutoencoderKL, name, path or CODECS[name], CODECS[name], "vae", dtype, allow_download)
     return LatentCodec(vae.to(device).eval().requires_grad_(False), name=name)
@@ -145,7 +157,7 @@ def load_backbone(
     spec = BACKBONES[name]
     cls = SD3Transformer2DModel if spec.family == "sd3" else FluxTransformer2DModel
     if name.startswith("tiny-"):
-        model = cls.from_pretrained(_tiny_dir(spec.hub, path), torch_dtype=dtype)
+        model = cls.from_pretrained(_tiny_dir(spec.hub, path), torch_dtype=dtype, use_safetensors=True)
     else:
         model = _from_pretrained(cls, name, path or spec.hub, spec.hub, "transformer", dtype, allow_download)
     model = model.to(device).eval().requires_grad_(False)
@@ -172,7 +184,7 @@ def _pipeline_text(spec: BackboneSpec, source: str, dtype, device):
             cls = StableDiffusion3Pipeline if spec.family == "sd3" else FluxPipeline
             try:
                 state["pipe"] = cls.from_pretrained(source, transformer=None, vae=None, torch_dtype=dtype,
-                                                    local_files_only=True).to(device)
+                                                    local_files_only=True, use_safetensors=True).to(device)
             except (OSError, ValueError) as e:
                 raise _missing(f"{source} text encoders", source, f"the hub repo {source!r}") from e
         pipe = state["pipe"]
@@ -192,7 +204,7 @@ def _tiny_clip(d: Path, dtype, device) -> tuple[torch.nn.Module, WordTokenizer, 
 
     cfg = json.loads((d / "config.json").read_text())
     clip = CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]))
-    missing, unexpected = clip.load_state_dict(load_file(d / "model.safetensors"), strict=False)
+    missing, unexpected = clip.load_state_dict(_safetensors(d / "model.safetensors", f"tiny-{d.name}"), strict=False)
     if unexpected or (missing and not (cfg.get("text_only") and all(k.startswith("visual.") for k in missing))):
         raise ValueError(f"{d / 'model.safetensors'} does not match its config: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
@@ -208,6 +220,8 @@ def _open_clip(name: str, path: str | None, dtype, device):
     ckpt = Path(path) / fname if path and Path(path).is_dir() else Path(path) if path else None
     if ckpt is None or not ckpt.is_file():
         raise _missing(name, str(ckpt), hint)
+    if ckpt.suffix != ".safetensors":  # open_clip would torch.load (unpickle) any other file
+        raise ValueError(f"{ckpt}: only .safetensors checkpoints are loaded; convert it ({hint})")
     model = open_clip.create_model(arch, pretrained=str(ckpt), precision="fp32")
     return model.to(device, dtype).eval().requires_grad_(False), open_clip.get_tokenizer(arch)
 
@@ -246,9 +260,12 @@ def load_text_encoder(name: str, path: str | None = None, dtype=torch.float32, d
 
 def load_aesthetic_head(file: Path, hidden) -> AestheticMLP:
     """The aesthetic MLP from a safetensors file (input width read from the weights)."""
-    state = load_file(file)
-    head = AestheticMLP(state["layers.0.weight"].shape[1], tuple(hidden))
-    head.load_state_dict(state)
+    state = _safetensors(Path(file), "aesthetic")
+    try:
+        head = AestheticMLP(state["layers.0.weight"].shape[1], tuple(hidden))
+        head.load_state_dict(state)
+    except (KeyError, RuntimeError) as e:
+        raise ValueError(f"{file} does not hold the aesthetic MLP with hidden sizes {list(hidden)}: {e}") from e
     return head.eval().requires_grad_(False)
 
 

@@ -86,7 +86,7 @@ class ClipReward(PixelReward):
         """[-1, 1] images -> the tower's resolution and normalisation (differentiable)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"{self.name}: images must be [B, 3, H, W], got {tuple(images.shape)}")
-        x = (images.float() + 1) / 2
+        x = (images.to(self.mean.device, torch.float32) + 1) / 2  # CPU images join the tower's device
         if tuple(x.shape[-2:]) != self.image_size:
             x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
         return ((x - self.mean) / self.std).to(self.visual.conv1.weight.dtype)
@@ -176,6 +176,11 @@ class ClipReward(PixelReward):
         self._text_cache.clear()
         return super().train(mode)
 
+    def _apply(self, fn, *args, **kwargs):
+        """Moving or casting the reward (.to, .cuda, .half) drops the text cache, which holds the old device/dtype."""
+        self._text_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
 
 class ClipTail(nn.Module):
     """Copies of a ViT's blocks [j, M), ln_post and proj; pools like the source tower (token or mean)."""
@@ -219,8 +224,9 @@ class AestheticMLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, emb: Tensor) -> Tensor:
-        """Score per embedding [B]."""
-        return self.layers(F.normalize(emb.float(), dim=-1)).squeeze(-1)
+        """Score per embedding [B], in float32 (the layers may be bf16/fp16)."""
+        x = F.normalize(emb.float(), dim=-1).to(self.layers[0].weight.dtype)
+        return self.layers(x).squeeze(-1).float()
 
 
 class AestheticReward(ClipReward):

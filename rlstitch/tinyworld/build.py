@@ -15,6 +15,8 @@ import argparse
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,6 +92,21 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+def save_pretrained(model, folder: Path) -> None:
+    """diffusers save_pretrained (safetensors) into a temporary sibling folder, then each file renamed into
+    `folder`, so an interrupted save never leaves half a weights file over the previous one."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".tmp-{folder.name}-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        folder.mkdir(exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class Cache:
     """The cached training set: images as [-1, 1] tensors, captions, aesthetic labels."""
 
@@ -124,7 +141,7 @@ def train_vae(cfg: BuildConfig, cache: Cache, out: Path) -> dict:
     with torch.no_grad():
         z = torch.cat([vae.encode(cache.images[k : k + 256]).latent_dist.mean for k in range(0, min(2048, len(cache.captions)), 256)])
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
-    vae.save_pretrained(out / "vae", safe_serialization=True)
+    save_pretrained(vae, out / "vae")
     return {"steps": total, "shift_factor": float(z.mean()), "scaling_factor": float(1.0 / z.std())}
 
 
@@ -149,7 +166,7 @@ def refine_decoder(cfg: BuildConfig, cache: Cache, out: Path) -> dict:
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    vae.eval().save_pretrained(out / "vae", safe_serialization=True)
+    save_pretrained(vae.eval(), out / "vae")
     return {"steps": total}
 
 
@@ -323,7 +340,7 @@ def train_generator(kind: str, cfg: BuildConfig, cache: Cache, latents: torch.Te
         bar.set_postfix(loss=f"{loss.item():.4f}")
     model.load_state_dict(ema)
     # Stored in float16 (loaded back as float32) to keep the committed tiny world under 40 MB.
-    model.eval().to(torch.float16).save_pretrained(out / kind, safe_serialization=True)
+    save_pretrained(model.eval().to(torch.float16), out / kind)
     return {"steps": total}
 
 

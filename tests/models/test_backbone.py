@@ -91,3 +91,25 @@ def test_features_all_is_one_pass_of_every_depth(random_backbone):
         every = random_backbone.features_all(z, 0.4, upto=5)
         assert len(every) == 5
         torch.testing.assert_close(every[3], random_backbone.features(z, 0.4, upto=4))
+
+
+def test_inputs_join_the_model_device(random_backbone):
+    """CPU latents, times and conditions are moved to the transformer's device (a GPU in use; 'meta' here)."""
+    import copy
+
+    from rlstitch.models import FluxBackbone, SD3Backbone
+    from rlstitch.models.condition import Condition
+
+    model = copy.deepcopy(random_backbone.model).to("meta")
+    if random_backbone.family == "sd3":
+        bb = SD3Backbone(model)
+    else:
+        bb = FluxBackbone(model, pack=1)
+    z, cond = torch.randn(2, 4, 8, 8), Condition(torch.zeros(1, 3, 64), torch.zeros(1, 64))
+    with torch.no_grad():
+        v = bb.velocity(z, torch.tensor([0.2, 0.7]), cond)
+        f = bb.features(z, 0.5, cond, upto=2)
+        every = bb.features_all(z, 0.5, upto=3)
+    assert bb.device.type == "meta"
+    assert v.device.type == f.device.type == "meta" and v.shape == z.shape and v.dtype == torch.float32
+    assert f.shape == (2, 64, bb.hidden_dim) and len(every) == 3 and every[-1].device.type == "meta"

@@ -76,3 +76,51 @@ def test_text_encoder_holds_only_the_text_tower(tmp_path, tiny_clip_reward):
     (tmp_path / "clip" / "model.safetensors").write_bytes((tmp_path / "te" / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="does not match its config.*visual"):
         load_text_encoder("tiny-text", path=str(tmp_path / "clip"))
+
+
+def test_pickled_weights_are_never_loaded(tmp_path, monkeypatch):
+    """A folder holding only a pickled .bin/.pt checkpoint is refused: torch.load is never called."""
+    from rlstitch.models.registry import load_codec, load_reward
+    from rlstitch.tinyworld import models as tm
+
+    def no_torch_load(*a, **k):
+        raise AssertionError("torch.load called on a weights file")
+
+    vae = tm.build("vae", seed=0)
+    vae.save_pretrained(tmp_path / "tiny", safe_serialization=False)  # diffusion_pytorch_model.bin
+    vae.save_pretrained(tmp_path / "hub" / "vae", safe_serialization=False)
+    torch.save(vae.state_dict(), tmp_path / "hpsv2.pt")
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    with pytest.raises(OSError, match="safetensors"):
+        load_codec("tiny-vae", path=str(tmp_path / "tiny"))
+    with pytest.raises(OSError, match="sd35-vae"):
+        load_codec("sd35-vae", path=str(tmp_path / "hub"))
+    with pytest.raises(ValueError, match=r"hpsv2\.pt.*safetensors"):
+        load_reward("hpsv2", path=str(tmp_path / "hpsv2.pt"))
+
+
+def test_corrupt_or_missing_safetensors_name_the_file(tmp_path, tiny_clip_reward):
+    from rlstitch.io import atomic_save
+    from rlstitch.models.registry import (
+        WeightsNotFoundError,
+        load_aesthetic_head,
+        load_reward,
+        save_tiny_clip,
+    )
+    from rlstitch.tinyworld import models as tm
+    from tests.conftest import WORDS
+
+    save_tiny_clip(tiny_clip_reward.clip, tm.clip_config(WORDS), tmp_path / "clip")
+    st = tmp_path / "clip" / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:200])  # truncated
+    with pytest.raises(ValueError, match=r"clip/model\.safetensors.*not a readable safetensors file"):
+        load_reward("tiny-clip", path=str(tmp_path / "clip"))
+    st.unlink()
+    with pytest.raises(WeightsNotFoundError, match=r"clip/model\.safetensors"):
+        load_reward("tiny-clip", path=str(tmp_path / "clip"))
+    head = tmp_path / "head.safetensors"
+    atomic_save({"w": torch.zeros(2)}, head)
+    with pytest.raises(ValueError, match=r"head\.safetensors.*aesthetic MLP"):
+        load_aesthetic_head(head, (16,))
+    with pytest.raises(WeightsNotFoundError, match=r"nothing\.safetensors"):
+        load_aesthetic_head(tmp_path / "nothing.safetensors", (16,))

@@ -92,3 +92,43 @@ def test_normalisation_buffers_follow_the_tower_device(tiny_clip_reward):
 
     reward = ClipReward(copy.deepcopy(tiny_clip_reward.clip).to("meta"), tiny_clip_reward.tokenizer)
     assert reward.mean.device.type == reward.std.device.type == "meta"
+
+
+def test_cpu_images_join_the_tower_device(tiny_clip_reward):
+    """Images on the CPU are moved to the tower's device (a GPU in use; 'meta' here) before normalising."""
+    import copy
+
+    reward = copy.deepcopy(tiny_clip_reward).to("meta")
+    with torch.no_grad():
+        emb = reward.embed_image(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert emb.device.type == "meta" and emb.shape == (2, 64)
+
+
+def test_text_cache_follows_a_moved_reward(tiny_clip_reward):
+    """Cached text embeddings of a frozen tower do not stay behind on the old device or dtype."""
+    import copy
+
+    reward = copy.deepcopy(tiny_clip_reward).requires_grad_(False)
+    with torch.no_grad():
+        reward.embed_text(["a red circle"])
+        reward.to(torch.float64)
+        assert reward.embed_text(["a red circle"]).dtype == torch.float64
+        reward.to("meta")
+        assert reward.embed_text(["a red circle"]).device.type == "meta"
+
+
+def test_aesthetic_head_in_half_precision(tiny_clip_reward):
+    """A bf16 aesthetic reward (load_reward(..., dtype=torch.bfloat16)) scores in float32 instead of failing."""
+    import copy
+
+    from rlstitch.models.reward import AestheticMLP, AestheticReward
+
+    head = AestheticMLP(64, (32, 16, 8)).eval()
+    ref = AestheticReward(tiny_clip_reward.clip, tiny_clip_reward.tokenizer, head).eval()
+    r = AestheticReward(copy.deepcopy(tiny_clip_reward.clip).to(torch.bfloat16), tiny_clip_reward.tokenizer,
+                        copy.deepcopy(head).to(torch.bfloat16)).eval()
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        s = r.score(x)
+        assert s.dtype == torch.float32 and s.shape == (3,)
+        torch.testing.assert_close(s, ref.score(x), atol=0.1, rtol=0.1)

@@ -38,3 +38,28 @@ def test_build_rejects_unknown_stage(tmp_path):
 
     with pytest.raises(ValueError, match="unknown build stage.*clip_text"):
         build(BuildConfig(out=str(tmp_path), scale=0.002, threads=1), {"clip_text"})
+
+
+def test_model_saves_never_leave_half_a_file(tmp_path):
+    """A save that dies midway keeps the previous weights intact and leaves no temporary folder behind."""
+    from diffusers import AutoencoderKL
+
+    from rlstitch.tinyworld import models as tm
+    from rlstitch.tinyworld.build import save_pretrained
+
+    vae = tm.build("vae", seed=0)
+    save_pretrained(vae, tmp_path / "vae")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "vae").iterdir()}
+    assert "diffusion_pytorch_model.safetensors" in before and "config.json" in before
+
+    class Dies:
+        def save_pretrained(self, folder, safe_serialization):
+            (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(Dies(), tmp_path / "vae")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "vae").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]
+    loaded = AutoencoderKL.from_pretrained(tmp_path / "vae", use_safetensors=True)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), vae.state_dict().values()))
