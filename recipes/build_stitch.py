@@ -233,8 +233,6 @@ def ensure_shards(folder: Path, split: str, n: int, seed: int, rows: int) -> Non
     files = sorted(folder.glob(f"{split}-*.parquet"))
     if files and sum(row_counts(files)) == n:
         return
-    for f in files:
-        f.unlink()
     tw.write_parquet_shards(folder, split, n, rows, seed)
 
 

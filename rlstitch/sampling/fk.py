@@ -162,6 +162,8 @@ class FKConfig:
             raise ValueError(f"final_select={self.final_select!r} is not one of {FINAL_SELECT}")
         if not 0 <= self.window_start <= self.window_end <= 1:
             raise ValueError(f"need 0 <= window_start <= window_end <= 1, got {self.window_start}, {self.window_end}")
+        if not self.lam >= 0 or self.resample_every < 0:  # lam < 0 would steer towards low values
+            raise ValueError(f"lam ({self.lam}) and resample_every ({self.resample_every}) must be >= 0")
         if not 0 < self.ess_threshold <= 1 or not 0 <= self.proposal_frac <= 1 or self.value_chunk < 1:
             raise ValueError("ess_threshold must lie in (0, 1], proposal_frac in [0, 1], value_chunk >= 1")
 

@@ -526,7 +526,8 @@ def write_parquet_shards(
     seed: int = 0,
     progress: bool = False,
 ) -> list[Path]:
-    """Write samples 0..n-1 of ``split`` as ``{split}-{k:05d}.parquet`` shards; return their paths in order."""
+    """Write samples 0..n-1 of ``split`` as ``{split}-{k:05d}.parquet`` shards (other shards of the split in
+    out_dir are removed); return their paths in order."""
     if n < 0 or shard_size <= 0:
         raise ValueError(f"need n >= 0 and shard_size > 0, got n={n}, shard_size={shard_size}")
     _check_split_index(split, max(n - 1, 0))
@@ -548,6 +549,8 @@ def write_parquet_shards(
             bar.update(len(indices))
     if bar is not None:
         bar.close()
+    for stale in set(out.glob(f"{split}-*.parquet")) - set(paths):  # shards of an earlier, larger write
+        stale.unlink()
     return paths
 
 

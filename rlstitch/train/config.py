@@ -297,6 +297,9 @@ def _problems(c: RecipeConfig):
             yield f"nft.adv_clip_max must be > 0, got {c.nft.adv_clip_max}"
         if not 0 <= c.nft.old_decay_max < 1:
             yield f"nft.old_decay_max must be in [0, 1), got {c.nft.old_decay_max}"
+        if c.nft.kl_weight < 0 or c.nft.old_decay_rate < 0:
+            yield (f"nft.kl_weight ({c.nft.kl_weight}) and nft.old_decay_rate ({c.nft.old_decay_rate}) must be >= 0 "
+                   "(a negative weight rewards moving away from the reference)")
     if c.mode == "stitch":
         w = list(c.rollout.stop_window)
         if len(w) != 2 or not 1 <= w[0] <= w[1] <= c.sampler.steps:

@@ -124,6 +124,9 @@ def test_config_validation_names_the_knob():
         fk.FKConfig(final_select="best").validate()
     with pytest.raises(ValueError, match="window_start"):
         fk.FKConfig(window_start=0.9, window_end=0.1).validate()
+    for bad in ({"lam": -1.0}, {"lam": float("nan")}, {"resample_every": -2}):
+        with pytest.raises(ValueError, match=r"lam \(.*\) and resample_every \(.*\) must be >= 0"):
+            fk.FKConfig(**bad).validate()
 
 
 def test_value_costs():

@@ -246,6 +246,16 @@ def test_parquet_round_trip(tmp_path) -> None:
     assert {s["split"] for s in shards} == {"val"}
 
 
+def test_rewriting_fewer_shards_removes_the_stale_ones(tmp_path) -> None:
+    """A smaller rewrite leaves only its own shards of that split (readers glob the folder); other splits stay."""
+    tw.write_parquet_shards(tmp_path, "train", n=10, shard_size=4)
+    tw.write_parquet_shards(tmp_path, "val", n=3, shard_size=4)
+    paths = tw.write_parquet_shards(tmp_path, "train", n=5, shard_size=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-00000.parquet", "train-00001.parquet",
+                                                          "val-00000.parquet"]
+    assert sum(len(tw.read_parquet_shard(p)["captions"]) for p in paths) == 5
+
+
 def test_corrupt_parquet_raises_value_error(tmp_path) -> None:
     """Unreadable shards raise a ValueError naming the file."""
     (path,) = tw.write_parquet_shards(tmp_path, "test", n=3, shard_size=8)

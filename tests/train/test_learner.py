@@ -151,6 +151,8 @@ def test_prompt_stream_resumes_in_the_checkpoints_order_whatever_the_new_seed():
     (["sampler.shift=-2"], "sampler.shift"),
     (["reward.names=[tiny-clip,tiny-clip]", "reward.weights=[0.5,0.5]", "reward.stitches=[a,b]"], "reward.names"),
     (["eval.rewards=[tiny-clip,tiny-clip]"], "eval.rewards"),
+    (["checkpoint.keep=-1"], "checkpoint.keep"),
+    (["nft.kl_weight=-0.1"], "nft.kl_weight"),
 ])
 def test_config_rejects_degenerate_schedules_and_duplicate_rewards(override, knob):
     from rlstitch.config import ConfigError
