@@ -98,10 +98,11 @@ def stitch_dir(name_or_path: str) -> Path:
     return d
 
 
-def _missing(name: str, where: str, hint: str) -> WeightsNotFoundError:
-    """A clear error naming what to download and where to put it."""
+def _missing(name: str, where: str, hint: str, cause: BaseException | None = None) -> WeightsNotFoundError:
+    """A clear error naming what to download and where to put it (and why loading failed, when known)."""
+    why = f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""
     return WeightsNotFoundError(
-        f"weights for {name!r} not found at {where}. Download {hint} and pass its local folder "
+        f"weights for {name!r} not found or unreadable at {where}{why}. Download {hint} and pass its local folder "
         f"(e.g. model.path=/mnt/weights/{name}); rlstitch never falls back to random weights."
     )
 
@@ -130,7 +131,7 @@ def _from_pretrained(cls, name: str, source: str, hub: str, subfolder: str, dtyp
         return cls.from_pretrained(source, subfolder=subfolder, torch_dtype=dtype, local_files_only=not allow_download,
                                    use_safetensors=True)  # never fall back to a pickled .bin
     except (OSError, ValueError) as e:
-        raise _missing(name, f"{source} (subfolder {subfolder}/)", f"the hub repo {hub!r}") from e
+        raise _missing(name, f"{source} (subfolder {subfolder}/)", f"the hub repo {hub!r}", e) from e
 
 
 def load_codec(name: str, path: str | None = None, dtype=torch.float32, device="cpu", allow_download=False):
@@ -186,7 +187,7 @@ def _pipeline_text(spec: BackboneSpec, source: str, dtype, device):
                 state["pipe"] = cls.from_pretrained(source, transformer=None, vae=None, torch_dtype=dtype,
                                                     local_files_only=True, use_safetensors=True).to(device)
             except (OSError, ValueError) as e:
-                raise _missing(f"{source} text encoders", source, f"the hub repo {source!r}") from e
+                raise _missing(f"{source} text encoders", source, f"the hub repo {source!r}", e) from e
         pipe = state["pipe"]
         if spec.family == "sd3":
             tokens, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)

@@ -47,6 +47,16 @@ def test_missing_weights_name_what_to_download(tmp_path):
         load_backbone("sd4")
 
 
+def test_a_corrupt_hub_folder_says_why_it_could_not_be_read(tmp_path):
+    from rlstitch.models.registry import WeightsNotFoundError, load_backbone
+    from rlstitch.tinyworld import models as tm
+
+    tm.build("sd3", seed=0).save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsNotFoundError, match=r"sd35-medium.*not found or unreadable at .*\(\w+Error: "):
+        load_backbone("sd35-medium", path=str(tmp_path), with_text=False)
+
+
 def test_mismatched_weights_fail(tmp_path, tiny_clip_reward):
     from rlstitch.models.registry import load_reward, save_tiny_clip
     from rlstitch.tinyworld import models as tm
