@@ -77,6 +77,12 @@ def _check_model(manifest: dict, role: str, model) -> None:
         )
 
 
+def check_weights(wfile: Path, digest: str | None) -> None:
+    """A missing weights file, or one whose SHA-256 differs from the manifest's (None: none recorded), fails."""
+    if not wfile.is_file() or (digest is not None and sha256(wfile) != digest):
+        raise ArtifactError(f"{wfile}: missing, truncated or altered (SHA-256 does not match the manifest)")
+
+
 def load(path: str | Path, backbone, reward) -> StitchVM:
     """A StitchVM from an artifact folder, verified against the given backbone and reward."""
     path = Path(path)
@@ -89,8 +95,7 @@ def load(path: str | Path, backbone, reward) -> StitchVM:
     _check_model(manifest, "backbone", backbone)
     _check_model(manifest, "reward", reward)
     wfile = path / "weights.safetensors"
-    if not wfile.is_file() or sha256(wfile) != manifest["weights_sha256"]:
-        raise ArtifactError(f"{wfile}: missing, truncated or altered (SHA-256 does not match the manifest)")
+    check_weights(wfile, manifest["weights_sha256"])
     layer = StitchLayer(manifest["d_u"], manifest["d_r"], tuple(manifest["grid_u"]), tuple(manifest["grid_r"]))
     vm = StitchVM(backbone, reward, layer, manifest["i"], manifest["j"])
     state = load_file(wfile)

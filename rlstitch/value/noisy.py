@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from rlstitch.io import atomic_save, atomic_write_text, sha256
 from rlstitch.models.fingerprint import fingerprint
+from rlstitch.stitch.artifact import check_weights
 from rlstitch.stitch.layer import resample_tokens
 from rlstitch.value.base import ValueEstimator, model_device
 
@@ -99,9 +100,7 @@ class NoisyReward(ValueEstimator):
             raise ValueError(f"{path}: trained against reward {want['name']!r} with other weights "
                              f"(given {reward.name!r})")
         # Artifacts written before the checksum was recorded have none; every newer one is verified.
-        digest = manifest.get("weights_sha256")
-        if not wfile.is_file() or (digest is not None and sha256(wfile) != digest):
-            raise ValueError(f"{wfile}: missing, truncated or altered (SHA-256 does not match the manifest)")
+        check_weights(wfile, manifest.get("weights_sha256"))
         net = cls(reward, *shape)
         state = load_file(wfile)
         for m, mod in net.trainable_modules().items():
