@@ -17,6 +17,15 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 1800.0  # default longest wait for a group call; pass timeout= to change it
 
 
+def get_within(refs, timeout: float | None, what: str, fix: str):
+    """ray.get, or after `timeout` seconds a TimeoutError saying what did not answer and where to look."""
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"{what} within {timeout:g} s; see `ray status` and the worker logs (`ray logs`), "
+                           f"or {fix}") from None
+
+
 @dataclass
 class RoleSpec:
     """How many workers a role gets and what each one reserves (GPU fractions allowed)."""
@@ -97,20 +106,13 @@ class ActorGroup:
 
     def call(self, method: str, *args, timeout: float | None = CALL_TIMEOUT_S, **kwargs) -> list:
         """Run `method` on every worker and wait for all results (TimeoutError after `timeout` seconds)."""
-        return self._get(self.call_async(method, *args, **kwargs), method, timeout)
+        return get_within(self.call_async(method, *args, **kwargs), timeout, f"{self.role} workers did not finish {method!r}",
+                          "pass a longer timeout")
 
     def map(self, method: str, items: Sequence[Any], timeout: float | None = CALL_TIMEOUT_S) -> list:
         """Spread items round-robin over the workers (one call per item); results in item order."""
         refs = [getattr(self.workers[k % len(self.workers)], method).remote(x) for k, x in enumerate(items)]
-        return self._get(refs, method, timeout)
-
-    def _get(self, refs: list, method: str, timeout: float | None) -> list:
-        """ray.get with a clear error when the workers do not answer in time."""
-        try:
-            return ray.get(refs, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"{self.role} workers did not finish {method!r} within {timeout:g} s; see `ray status` "
-                               "and the worker logs (`ray logs`), or pass a longer timeout") from None
+        return get_within(refs, timeout, f"{self.role} workers did not finish {method!r}", "pass a longer timeout")
 
     def shutdown(self) -> None:
         """Kill the workers and free the placement group."""

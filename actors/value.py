@@ -25,7 +25,7 @@ import torch
 from ray import serve
 from torch import Tensor
 
-from actors.group import ActorGroup, RoleSpec, bundle
+from actors.group import ActorGroup, RoleSpec, bundle, get_within
 from actors.metrics import record
 from rlstitch.models.registry import check_device, resolve_device
 from rlstitch.value.base import check_latent
@@ -196,35 +196,12 @@ class ValueActor:
 
     def value(self, requests: Sequence[Mapping]) -> list[Tensor]:
         """V per request ([B] each, on the CPU), from one batched forward per latent size."""
-        batches = self._batch(requests)
-        out: list = [None] * len(requests)
-        for batch in batches:
-            if len(batch.z):
-                start = time.perf_counter()
-                with torch.no_grad():
-                    v = self._forward(batch).cpu()
-                self._record(batch, v, time.perf_counter() - start)
-            else:  # only empty requests: nothing to run
-                v = torch.empty(0)
-            for k, piece in zip(batch.index, split(v, batch.sizes)):
-                out[k] = piece
-        return out
+        return [v for v, _ in self._per_batch(requests, lambda b: (self._forward(b), None))]
 
     def value_and_grad(self, requests: Sequence[Mapping]) -> list[tuple[Tensor, Tensor]]:
         """(V [B], dV/dz [B, C, H, W]) per request, from one batched forward and backward per latent size."""
-        batches = self._batch(requests)
-        out: list = [None] * len(requests)
-        for batch in batches:
-            if len(batch.z):
-                start = time.perf_counter()
-                v, g = self.model.value_and_grad(batch.z.to(self.device), batch.t.to(self.device), batch.prompts)
-                v, g = v.cpu(), g.cpu()
-                self._record(batch, v, time.perf_counter() - start)
-            else:
-                v, g = torch.empty(0), torch.empty_like(batch.z)
-            for k, pv, pg in zip(batch.index, split(v, batch.sizes), split(g, batch.sizes)):
-                out[k] = (pv, pg)
-        return out
+        return self._per_batch(requests, lambda b: self.model.value_and_grad(b.z.to(self.device), b.t.to(self.device),
+                                                                             b.prompts))
 
     def each(self, method: str, requests: Sequence[Mapping]) -> list:
         """`method` over requests batched; if the batch fails, each request alone, with its exception in place of
@@ -255,6 +232,22 @@ class ValueActor:
             self.errors += 1
             raise
 
+    def _per_batch(self, requests: Sequence[Mapping], run) -> list[tuple[Tensor, Tensor | None]]:
+        """(V, grad or None) per request, in order: `run` once per latent-size batch, timed and recorded."""
+        out: list = [None] * len(requests)
+        for batch in self._batch(requests):
+            if len(batch.z):
+                start = time.perf_counter()
+                v, g = (None if x is None else x.cpu() for x in run(batch))
+                self._record(batch, v, time.perf_counter() - start)
+            else:  # only empty requests: nothing to run
+                v, g = torch.empty(0), torch.empty_like(batch.z)
+            grads = split(g, batch.sizes) if g is not None else [None] * len(batch.sizes)
+            for k, pv, pg in zip(batch.index, split(v, batch.sizes), grads):
+                out[k] = (pv, pg)
+        return out
+
+    @torch.no_grad()
     def _forward(self, batch: Batch) -> Tensor:
         """One forward; Monte Carlo rollouts share a time grid, so they run per distinct t."""
         z, t = batch.z.to(self.device), batch.t.to(self.device)
@@ -339,12 +332,8 @@ class ValueClient:
     def call(self, method: str, requests: Sequence[Mapping], timeout: float | None = None):
         """`method` on the chosen actor, waited for at most `timeout` (default timeout_s) seconds."""
         k, ref = self.submit(method, requests)
-        timeout = self.timeout_s if timeout is None else timeout
-        try:
-            return ray.get(ref, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"value actor {k} did not answer {method!r} within {timeout:g} s; see `ray status` and "
-                               "the actor's logs, or raise the value client's timeout_s") from None
+        return get_within(ref, self.timeout_s if timeout is None else timeout,
+                          f"value actor {k} did not answer {method!r}", "raise the value client's timeout_s")
 
     def value(self, requests: Sequence[Mapping], timeout: float | None = None) -> list[Tensor]:
         """Batched values, one per request."""

@@ -21,33 +21,20 @@ VERSION = 1
 _F64 = torch.float64
 
 
-def _check_feats(feats: Mapping[int, Tensor], blocks: list[int], dim: int, P: int, side: str) -> int:
-    """Validates one side's features ([B, P, dim], finite, keys == blocks); returns B."""
+def _check_blocks(feats: Mapping[int, Tensor], blocks: list[int], tail: tuple[int, ...], what: str,
+                  batch: int | None = None) -> int:
+    """Validates {block: [B, *tail]} (keys == blocks, one finite B-batch; B = `batch` when given); returns B."""
     if sorted(feats) != sorted(blocks):
-        raise ValueError(f"{side} features have blocks {sorted(feats)}, expected {sorted(blocks)}")
-    batch = None
+        raise ValueError(f"{what} has blocks {sorted(feats)}, expected {sorted(blocks)}")
     for b in blocks:
         t = feats[b]
-        if t.ndim != 3 or tuple(t.shape[1:]) != (P, dim):
-            raise ValueError(f"{side} block {b}: shape {tuple(t.shape)}, expected [B, {P}, {dim}]")
-        if batch is not None and t.shape[0] != batch:
-            raise ValueError(f"{side} block {b}: batch {t.shape[0]} differs from {batch}")
+        if tuple(t.shape[1:]) != tail or t.ndim != len(tail) + 1 or batch not in (None, t.shape[0]):
+            want = ", ".join(["B" if batch is None else str(batch), *map(str, tail)])
+            raise ValueError(f"{what} block {b}: shape {tuple(t.shape)}, expected [{want}]")
         if not torch.isfinite(t).all():
-            raise ValueError(f"{side} block {b}: non-finite values in features of shape {tuple(t.shape)}")
+            raise ValueError(f"{what} block {b}: non-finite values in a tensor of shape {tuple(t.shape)}")
         batch = t.shape[0]
     return int(batch)
-
-
-def _check_cls(cls_r: Mapping[int, Tensor], blocks: list[int], dim: int, batch: int) -> None:
-    """Validates the reward's [CLS] tokens ([B, dim], finite, keys == blocks)."""
-    if sorted(cls_r) != sorted(blocks):
-        raise ValueError(f"reward [CLS] has blocks {sorted(cls_r)}, expected {sorted(blocks)}")
-    for b in blocks:
-        t = cls_r[b]
-        if tuple(t.shape) != (batch, dim):
-            raise ValueError(f"reward [CLS] block {b}: shape {tuple(t.shape)}, expected [{batch}, {dim}]")
-        if not torch.isfinite(t).all():
-            raise ValueError(f"reward [CLS] block {b}: non-finite values")
 
 
 class StitchStats:
@@ -85,12 +72,12 @@ class StitchStats:
                cls_r: Mapping[int, Tensor] | None = None) -> None:
         """Adds one batch: feats_u[i] [B, P, d_u] after DiT block i, feats_r[j] [B, P, d_r] into block j,
         and optionally cls_r[j] [B, d_r], the [CLS] token entering block j."""
-        bu = _check_feats(feats_u, self.blocks_u, self.d_u, self.positions, "DiT")
-        br = _check_feats(feats_r, self.blocks_r, self.d_r, self.positions, "reward")
+        bu = _check_blocks(feats_u, self.blocks_u, (self.positions, self.d_u), "DiT")
+        br = _check_blocks(feats_r, self.blocks_r, (self.positions, self.d_r), "reward")
         if bu != br:
             raise ValueError(f"DiT batch {bu} differs from reward batch {br}")
         if cls_r is not None:  # checked before any sum changes: a bad batch leaves no partial update
-            _check_cls(cls_r, self.blocks_r, self.d_r, bu)
+            _check_blocks(cls_r, self.blocks_r, (self.d_r,), "reward [CLS]", bu)
         # Products in float64 on the features' device (no precision loss), accumulated on the CPU.
         xs = {i: feats_u[i].to(_F64) for i in self.blocks_u}
         ys = {j: feats_r[j].to(_F64) for j in self.blocks_r}
