@@ -106,12 +106,15 @@ class ActorGroup:
 
     def call(self, method: str, *args, timeout: float | None = CALL_TIMEOUT_S, **kwargs) -> list:
         """Run `method` on every worker and wait for all results (TimeoutError after `timeout` seconds)."""
-        return get_within(self.call_async(method, *args, **kwargs), timeout, f"{self.role} workers did not finish {method!r}",
-                          "pass a longer timeout")
+        return self._wait(self.call_async(method, *args, **kwargs), method, timeout)
 
     def map(self, method: str, items: Sequence[Any], timeout: float | None = CALL_TIMEOUT_S) -> list:
         """Spread items round-robin over the workers (one call per item); results in item order."""
         refs = [getattr(self.workers[k % len(self.workers)], method).remote(x) for k, x in enumerate(items)]
+        return self._wait(refs, method, timeout)
+
+    def _wait(self, refs: list, method: str, timeout: float | None) -> list:
+        """Every result, or a TimeoutError naming this role and method."""
         return get_within(refs, timeout, f"{self.role} workers did not finish {method!r}", "pass a longer timeout")
 
     def shutdown(self) -> None:

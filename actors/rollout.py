@@ -160,8 +160,7 @@ class RolloutGroup:
         """Rollouts of the whole batch across the workers; fails if any worker sampled with other weights."""
         jobs = [{"prompts": p, "seeds": s, "stops": t, "draft_k": draft_k}
                 for p, s, t in zip(self._split(prompts), self._split(seeds), self._split(stops))]
-        refs = [w.sample.remote(j) for w, j in zip(self.group.workers, jobs)]
-        parts = ray.get(refs, timeout=self.cfg.train.timeout_s)
+        parts = self.group.map("sample", jobs, timeout=self.cfg.train.timeout_s)  # job k on worker k
         stale = [p["version"] for p in parts if p["version"] != version]
         if stale:
             raise RuntimeError(f"rollouts sampled with weight versions {stale}, expected {version}")
@@ -173,10 +172,9 @@ class RolloutGroup:
         """Fully denoised evaluation samples (eval weights) across the workers, images of the first `grid`."""
         n = len(self.group)
         chunks = [list(range(len(prompts)))[k::n] for k in range(n)]
-        refs = [w.generate.remote({"prompts": [prompts[i] for i in c], "seeds": [seeds[i] for i in c],
-                                   "grid": grid if k == 0 else 0})
-                for k, (w, c) in enumerate(zip(self.group.workers, chunks))]
-        parts = ray.get(refs, timeout=self.cfg.train.timeout_s)
+        jobs = [{"prompts": [prompts[i] for i in c], "seeds": [seeds[i] for i in c], "grid": grid if k == 0 else 0}
+                for k, c in enumerate(chunks)]
+        parts = self.group.map("generate", jobs, timeout=self.cfg.train.timeout_s)  # chunk k on worker k
         z = torch.empty(len(prompts), *parts[0]["z"].shape[1:])
         for c, p in zip(chunks, parts):
             z[c] = p["z"]

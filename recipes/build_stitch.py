@@ -44,7 +44,7 @@ if str(ROOT) not in sys.path:
 
 import ray  # noqa: E402
 
-from actors.group import ActorGroup, RoleSpec  # noqa: E402
+from actors.group import ActorGroup, RoleSpec, get_within  # noqa: E402
 from actors.metrics import record  # noqa: E402
 from actors.runtime import init_ray  # noqa: E402
 from actors.stats import StatsWorker, collect_distributed, plan_shards, row_counts  # noqa: E402
@@ -288,13 +288,11 @@ def write_closed_form(group: ActorGroup, path: str, best, cls_mean, extra: dict,
     """The closed-form artifact, written by the first stats worker still alive (it holds the models)."""
     for w in group.workers:
         try:
-            ray.get(w.write_closed_form.remote(path, best, cls_mean, extra), timeout=timeout_s)
+            get_within(w.write_closed_form.remote(path, best, cls_mean, extra), timeout_s,
+                       f"the stats worker did not write {path}", "raise stats.shard_timeout_s")
             return
         except ray.exceptions.RayActorError:
             continue
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"the stats worker did not write {path} within {timeout_s:g} s "
-                               "(stats.shard_timeout_s); see `ray logs`") from None
     raise RuntimeError("no stats worker is alive to write the closed-form artifact; see `ray logs`")
 
 

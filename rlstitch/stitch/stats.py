@@ -28,7 +28,7 @@ def _check_blocks(feats: Mapping[int, Tensor], blocks: list[int], tail: tuple[in
         raise ValueError(f"{what} has blocks {sorted(feats)}, expected {sorted(blocks)}")
     for b in blocks:
         t = feats[b]
-        if tuple(t.shape[1:]) != tail or t.ndim != len(tail) + 1 or batch not in (None, t.shape[0]):
+        if tuple(t.shape[1:]) != tail or batch not in (None, t.shape[0]):
             want = ", ".join(["B" if batch is None else str(batch), *map(str, tail)])
             raise ValueError(f"{what} block {b}: shape {tuple(t.shape)}, expected [{want}]")
         if not torch.isfinite(t).all():
