@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from actors.group import RoleSpec
 from rlstitch.config import ConfigError
+from rlstitch.data.prompts import load_prompts
 
 ROLE_RESOURCES = ("rollout", "value", "learner")  # the custom resources the cluster files define
 REQUIRED = "REQUIRED"  # placeholder of a value the user must give
@@ -120,21 +121,9 @@ def begin(cfg: InferenceConfig, recipe: str) -> tuple[dict, list[str], list[int]
     from actors.runtime import init_ray
 
     init_ray(cfg.ray_num_cpus or None, need=cfg.placement.rollout.cpus + cfg.placement.value.cpus)
-    prompts = load_prompts(cfg.prompts, cfg.num_prompts)
+    prompts = load_prompts(cfg.prompts, cfg.num_prompts, cycle=True)
     tags = {"recipe": recipe, "run": cfg.run_name or Path(cfg.out).name}
     return tags, prompts, [cfg.seed + k for k in range(len(prompts))]
-
-
-def load_prompts(path: str, n: int) -> list[str]:
-    """The first n prompts of a file (one per line, blank lines skipped), or the tiny world's held-out captions."""
-    if not path:
-        from rlstitch.tinyworld.evaluate import held_out_prompts
-
-        return held_out_prompts(n)[0]
-    lines = [s.strip() for s in Path(path).read_text().splitlines() if s.strip()]
-    if not lines:
-        raise ConfigError(f"prompts={path!r} holds no prompts")
-    return (lines * (-(-n // len(lines))))[:n]
 
 
 class SamplerActor:

@@ -13,87 +13,21 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import ray
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from actors.metrics import record
+from rlstitch.data.parquet import read_rows
+from rlstitch.data.probe import ProbeShard, shard_batches
 from rlstitch.stitch.collect import collect_stats
-from rlstitch.stitch.probe import parquet_shards
 from rlstitch.stitch.stats import StitchStats
-from rlstitch.tinyworld import data as tw
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ProbeShard:
-    """Probe rows [start, stop) of the Parquet folder, processed in batches whose noise comes from `seed`."""
-
-    index: int
-    start: int
-    stop: int
-    batch: int
-    seed: int
-
-    @property
-    def images(self) -> int:
-        """Probe images in the shard."""
-        return self.stop - self.start
-
-
-def batch_seed(seed: int, offset: int) -> int:
-    """Noise seed of the probe batch starting at row `offset` (the formula of probe.image_batches), so a batch
-    gets the same t and eps whichever worker runs it: the fit then equals the single-process one."""
-    return seed * 1_000_003 + offset
-
-
-def plan_shards(n: int, batch: int, count: int, seed: int) -> list[ProbeShard]:
-    """Split n probe rows into `count` contiguous shards whose boundaries fall on batch boundaries."""
-    batches = -(-n // batch)
-    if count > batches:
-        raise ValueError(f"{n} probe images in batches of {batch} make {batches} batches, fewer than the "
-                         f"{count} shards asked for: lower stats.workers or stats.shards_per_worker, or "
-                         "raise probe_images or lower batch")
-    cuts = [k * batches // count for k in range(count + 1)]  # near-equal batch counts per shard
-    return [ProbeShard(k, cuts[k] * batch, min(cuts[k + 1] * batch, n), batch, seed) for k in range(count)]
-
-
-def row_counts(files: list[Path]) -> list[int]:
-    """Rows per Parquet file, from the footers only (no data read)."""
-    return [pq.ParquetFile(f).metadata.num_rows for f in files]
-
-
-def read_rows(folder: str | Path, split: str, start: int, stop: int) -> tuple[Tensor, list[str]]:
-    """Images in [-1, 1] and prompts of rows [start, stop) of a split, across its sorted Parquet files
-    (the row order of rlstitch.stitch.probe.load_images); only the files that overlap the range are read."""
-    files = parquet_shards(folder, split)
-    images, captions, offset = [], [], 0
-    for f, rows in zip(files, row_counts(files)):
-        lo, hi = max(start, offset), min(stop, offset + rows)
-        if lo < hi:
-            b = tw.read_parquet_shard(f)
-            images.append(tw.to_tensor(b["images"][lo - offset : hi - offset]))
-            captions += b["captions"][lo - offset : hi - offset]
-        offset += rows
-        if offset >= stop:
-            break
-    if len(captions) != stop - start:
-        raise ValueError(f"{folder}: {split} rows [{start}, {stop}) requested, only {offset} rows in "
-                         f"{len(files)} files: lower probe_images / finetune.train_images or add shards")
-    return torch.cat(images), captions
-
-
-def shard_batches(shard: ProbeShard, images: Tensor) -> Iterator[tuple[int, Tensor]]:
-    """(noise seed, images) of each probe batch of a shard, as image_batches yields them."""
-    for k in range(shard.start, shard.stop, shard.batch):
-        yield batch_seed(shard.seed, k), images[k - shard.start : k - shard.start + shard.batch]
 
 
 class StatsWorker:

@@ -62,7 +62,7 @@ def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
 
 def rank_targets(job: FinetuneJob, cfg, reward, codec, rank: int, world: int):
     """Teacher targets of this rank's slice of the train images, and (rank 0) of the validation images."""
-    from actors.stats import read_rows
+    from rlstitch.data.parquet import read_rows
     from rlstitch.stitch.finetune import teacher_targets
 
     a, b = rank_slice(cfg.train_images, rank, world)

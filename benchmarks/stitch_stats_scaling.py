@@ -91,9 +91,9 @@ def memory_table(batch: int, shards: int, merge_group: int) -> str:
 
 def random_world(root: Path) -> None:
     """Random-weight tiny models of the trained tiny world's shapes (for machines without its weights)."""
+    from rlstitch.data import scenes as data
     from rlstitch.models.registry import save_tiny_clip
     from rlstitch.models.tokenizer import WordTokenizer
-    from rlstitch.tinyworld import data
     from rlstitch.tinyworld import models as tm
 
     captions = (data.sample(i).caption for i in range(300))
@@ -114,7 +114,8 @@ def throughput(workers: int, folder: str, args, env: dict) -> dict:
     """Statistics passes with `workers` stats actors, timed after model load and warm-up; the best of
     args.repeats passes counts (a shared machine's other load only ever slows a pass down)."""
     from actors.group import ActorGroup, RoleSpec
-    from actors.stats import ProbeShard, StatsWorker, collect_distributed, plan_shards
+    from actors.stats import StatsWorker, collect_distributed
+    from rlstitch.data.probe import ProbeShard, plan_shards
 
     shards = plan_shards(args.probe_images, args.batch, workers * args.shards_per_worker, seed=1)
     group = ActorGroup(StatsWorker, RoleSpec(num_workers=workers, num_cpus=1), {"backbone": "tiny-sd3",
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    from rlstitch.tinyworld import data as tw
+    from rlstitch.data import parquet as tw
 
     with tempfile.TemporaryDirectory(prefix="stitch-bench-") as tmp:
         env = {}

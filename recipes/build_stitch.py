@@ -9,7 +9,7 @@ NAME is a file of recipes/configs/build_stitch/ (default tiny-sd3_tiny-clip; als
 sd35-large_dfn-clip, flux-dev_hpsv2, sd35-medium_aesthetic, which need reward_path=, data= and out=).
 data= is 'tinyworld' (written as Parquet shards under out/data first) or a folder of Parquet shards with
 train*.parquet (probe and finetune images) and val*.parquet (held-out images), with the columns of the tiny
-world's writer (`python -m rlstitch.tinyworld.data`).
+world's writer (`python -m rlstitch.data.parquet`).
 
 1. Statistics: the probe set is cut into stats.workers x stats.shards_per_worker shards on probe-batch
    boundaries; each stats worker (actors/stats.py) loads the frozen models once and returns per-shard
@@ -47,9 +47,11 @@ import ray  # noqa: E402
 from actors.group import ActorGroup, RoleSpec, get_within  # noqa: E402
 from actors.metrics import record  # noqa: E402
 from actors.runtime import init_ray  # noqa: E402
-from actors.stats import StatsWorker, collect_distributed, plan_shards, row_counts  # noqa: E402
+from actors.stats import StatsWorker, collect_distributed  # noqa: E402
 from actors.stitch_finetune import FinetuneJob, run_finetune  # noqa: E402
 from rlstitch.config import ConfigError, load_config, to_dict  # noqa: E402
+from rlstitch.data.parquet import row_counts, write_parquet_shards  # noqa: E402
+from rlstitch.data.probe import plan_shards  # noqa: E402
 from rlstitch.stitch import artifact  # noqa: E402
 from rlstitch.stitch.build import (  # noqa: E402
     StitchBuildConfig,
@@ -58,7 +60,6 @@ from rlstitch.stitch.build import (  # noqa: E402
     solve_and_select,
     write_fit_report,
 )
-from rlstitch.tinyworld import data as tw  # noqa: E402
 
 CONFIGS = ROOT / "recipes" / "configs" / "build_stitch"
 DEFAULT_CONFIG = "tiny-sd3_tiny-clip"
@@ -233,7 +234,7 @@ def ensure_shards(folder: Path, split: str, n: int, seed: int, rows: int) -> Non
     files = sorted(folder.glob(f"{split}-*.parquet"))
     if files and sum(row_counts(files)) == n:
         return
-    tw.write_parquet_shards(folder, split, n, rows, seed)
+    write_parquet_shards(folder, split, n, rows, seed)
 
 
 def prepare_data(cfg: BuildStitchConfig, out: Path) -> tuple[str, str]:

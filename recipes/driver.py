@@ -25,9 +25,10 @@ from actors.rollout import EVAL, RolloutGroup  # noqa: E402
 from actors.runtime import init_ray  # noqa: E402
 from actors.value import ValueActor, ValueClient, ValueSpec  # noqa: E402
 from rlstitch.config import ConfigError, load_config, to_dict  # noqa: E402
+from rlstitch.data.prompts import load_prompts  # noqa: E402
 from rlstitch.models.registry import BACKBONES  # noqa: E402
 from rlstitch.train.config import RecipeConfig  # noqa: E402
-from rlstitch.train.policy import VOCABULARY, PromptStream, draw_stops, load_prompts  # noqa: E402
+from rlstitch.train.policy import VOCABULARY, PromptStream, draw_stops  # noqa: E402
 from rlstitch.train.run import RunLogger, find_resume, image_grid, load_run, save_run  # noqa: E402
 from rlstitch.train.scoring import LazyCleanReward, Scorer  # noqa: E402
 

@@ -46,11 +46,11 @@ def random_world(tmp_path_factory):
     """A complete tiny world of randomly initialised models in a temp folder, used via $RLSTITCH_TINY_DIR."""
     import json
 
+    from rlstitch.data import scenes as data
     from rlstitch.io import atomic_save
     from rlstitch.models.registry import save_tiny_clip
     from rlstitch.models.reward import AestheticMLP
     from rlstitch.models.tokenizer import WordTokenizer
-    from rlstitch.tinyworld import data
     from rlstitch.tinyworld import models as tm
 
     root = tmp_path_factory.mktemp("world")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from rlstitch.data import scenes as data
 from rlstitch.eval.metrics import recall_at_1, spearman, unique_captions
 from rlstitch.io import atomic_write, atomic_write_text
 from rlstitch.models.registry import (
@@ -35,7 +36,6 @@ from rlstitch.models.registry import (
 from rlstitch.sampling.flow import forward_noise
 from rlstitch.stitch import artifact
 from rlstitch.stitch.vm import LatentTokens
-from rlstitch.tinyworld import data
 from rlstitch.value.base import model_device
 from rlstitch.value.estimators import Tweedie
 from rlstitch.value.noisy import NoisyReward

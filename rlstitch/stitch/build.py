@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from rlstitch.config import load_config, to_dict
+from rlstitch.data.probe import image_batches, load_images
 from rlstitch.io import atomic_write_text
 from rlstitch.models import registry
 from rlstitch.models.registry import BACKBONES, load_backbone, load_codec, load_reward
@@ -26,7 +27,6 @@ from rlstitch.stitch.collect import collect_stats
 from rlstitch.stitch.finetune import FinetuneConfig, Targets, finetune, teacher_targets
 from rlstitch.stitch.fit import plot_residuals, residual_table, select, solve_all
 from rlstitch.stitch.layer import StitchLayer
-from rlstitch.stitch.probe import image_batches, load_images
 from rlstitch.stitch.vm import LatentTokens, StitchVM
 from rlstitch.value.noisy import NoisyReward
 

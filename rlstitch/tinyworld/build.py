@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from rlstitch.data import scenes as data
 from rlstitch.io import atomic_save, atomic_write_text
 from rlstitch.models.registry import TINY_DIR, load_codec, load_reward, load_text_encoder, save_tiny_clip
 from rlstitch.models.tokenizer import WordTokenizer
-from rlstitch.tinyworld import data
 from rlstitch.tinyworld import models as tm
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from rlstitch.data import scenes as data
 from rlstitch.eval.metrics import recall_at_1, spearman, unique_captions
 from rlstitch.io import atomic_write_text
 from rlstitch.models.registry import load_backbone, load_codec, load_reward, tiny_root
 from rlstitch.sampling.flow import FlowSampler
 from rlstitch.sampling.generate import generate
-from rlstitch.tinyworld import data
 
 GALLERY = 500
 GEN_CAPTIONS = 100

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -157,25 +156,6 @@ def stop_times(sampler: FlowSampler, stops: Sequence[int]) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------- prompts
-
-
-def load_prompts(source: str, n: int | None = None) -> list[str]:
-    """Prompts from "tiny:<split>" (unique tiny-world captions, in index order) or a text file (one per line)."""
-    if source.startswith("tiny:"):
-        from rlstitch.tinyworld import data
-
-        split = source.split(":", 1)[1]
-        want, seen, i = n or 512, {}, 0
-        limit = data.SPLIT_SIZES[split] or 10**9
-        while len(seen) < want and i < limit:
-            seen.setdefault(data.sample(i, split).caption, None)
-            i += 1
-        return list(seen)
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {source!r} not found (or use tiny:train / tiny:test)")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return prompts[:n] if n else prompts
 
 
 class PromptStream:

@@ -11,7 +11,7 @@ N, BATCH, J_MAX, SEED = 32, 4, 2, 1  # 8 probe batches -> 2 workers x 2 shards o
 
 
 def test_plan_shards_cover_the_probe_set_on_batch_boundaries():
-    from actors.stats import plan_shards
+    from rlstitch.data.probe import plan_shards
 
     shards = plan_shards(26, 4, 4, seed=3)  # 7 batches over 4 shards
     assert [(s.start, s.stop) for s in shards] == [(0, 4), (4, 12), (12, 20), (20, 26)]
@@ -22,9 +22,9 @@ def test_plan_shards_cover_the_probe_set_on_batch_boundaries():
 
 def test_shard_batches_reproduce_image_batches(tmp_path):
     """Same rows and same noise seeds as the single-process probe stream, whatever the file layout."""
-    from actors.stats import plan_shards, read_rows, shard_batches
-    from rlstitch.stitch.probe import image_batches
-    from rlstitch.tinyworld import data as tw
+    from rlstitch.data import parquet as tw
+    from rlstitch.data.parquet import read_rows
+    from rlstitch.data.probe import image_batches, plan_shards, shard_batches
 
     tw.write_parquet_shards(tmp_path, "train", 22, shard_size=5, seed=SEED)
     want = list(image_batches("tinyworld", 22, BATCH, SEED))
@@ -40,7 +40,8 @@ def test_shard_batches_reproduce_image_batches(tmp_path):
 def _distributed(folder, world, fail_once: str = ""):
     """Statistics of the probe folder from 2 stats workers x 2 shards."""
     from actors.group import ActorGroup, RoleSpec
-    from actors.stats import StatsWorker, collect_distributed, plan_shards
+    from actors.stats import StatsWorker, collect_distributed
+    from rlstitch.data.probe import plan_shards
 
     models = {"backbone": "tiny-sd3", "reward": "tiny-clip"}
     group = ActorGroup(StatsWorker, RoleSpec(num_workers=2, num_cpus=1), models, str(folder), J_MAX,
@@ -56,10 +57,10 @@ def _distributed(folder, world, fail_once: str = ""):
 @pytest.fixture(scope="module")
 def probe(random_world, tmp_path_factory):
     """The probe set as Parquet (7-row files: shards straddle files) and the single-process statistics."""
+    from rlstitch.data import parquet as tw
+    from rlstitch.data.probe import image_batches
     from rlstitch.stitch.build import StitchBuildConfig, load_models
     from rlstitch.stitch.collect import collect_stats
-    from rlstitch.stitch.probe import image_batches
-    from rlstitch.tinyworld import data as tw
 
     folder = tmp_path_factory.mktemp("probe")
     tw.write_parquet_shards(folder, "train", N, shard_size=7, seed=SEED)
@@ -115,7 +116,8 @@ def test_crashed_stats_worker_gives_the_identical_fit(probe, distributed, random
 
 
 def test_collect_without_shards_or_with_empty_ones_is_a_clear_error():
-    from actors.stats import ProbeShard, collect_distributed
+    from actors.stats import collect_distributed
+    from rlstitch.data.probe import ProbeShard
 
     class NoWorkers(list):
         workers: list = []

@@ -96,10 +96,10 @@ def test_bad_config_key_is_a_clear_error():
 def test_resumed_finetune_equals_uninterrupted(random_world, tmp_path):
     from dataclasses import replace
 
+    from rlstitch.data.probe import load_images
     from rlstitch.models.registry import load_backbone, load_codec, load_reward
     from rlstitch.stitch.finetune import FinetuneConfig, finetune, teacher_targets
     from rlstitch.stitch.layer import StitchLayer
-    from rlstitch.stitch.probe import load_images
     from rlstitch.stitch.vm import StitchVM
 
     bb, rw, codec = load_backbone("tiny-sd3"), load_reward("tiny-clip"), load_codec("tiny-vae")
@@ -145,10 +145,10 @@ def test_fidelity_benchmark_reports_every_method(built, random_world, tmp_path):
 def test_finetune_trains_the_reward_tower_and_leaves_the_teachers_alone(random_world, student):
     """The tail is copied from a frozen reward: the finetune must still train it (a frozen copy once trained only
     the stitch), never the backbone or the reward, and hand the student back frozen for serving."""
+    from rlstitch.data.probe import load_images
     from rlstitch.models.registry import load_backbone, load_codec, load_reward
     from rlstitch.stitch.finetune import FinetuneConfig, finetune, teacher_targets
     from rlstitch.stitch.layer import StitchLayer
-    from rlstitch.stitch.probe import load_images
     from rlstitch.stitch.vm import StitchVM
     from rlstitch.value.noisy import NoisyReward
 
@@ -177,10 +177,10 @@ def test_finetune_trains_the_reward_tower_and_leaves_the_teachers_alone(random_w
 
 def test_bf16_finetune_runs_the_forward_in_bf16_and_keeps_fp32_weights(random_world):
     """precision=bf16 autocasts the student's forward (auto stays fp32 on the CPU); weights and losses stay fp32."""
+    from rlstitch.data.probe import load_images
     from rlstitch.models.registry import load_backbone, load_codec, load_reward
     from rlstitch.stitch.finetune import FinetuneConfig, finetune, teacher_targets
     from rlstitch.stitch.layer import StitchLayer
-    from rlstitch.stitch.probe import load_images
     from rlstitch.stitch.vm import StitchVM
 
     bb, rw, codec = load_backbone("tiny-sd3"), load_reward("tiny-clip"), load_codec("tiny-vae")

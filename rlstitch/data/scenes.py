@@ -24,17 +24,11 @@ The aesthetic label is documented in :func:`aesthetic_score`.
 
 from __future__ import annotations
 
-import argparse
 import colorsys
-import io
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageDraw
 
@@ -130,7 +124,7 @@ class Sample:
 # --------------------------------------------------------------------------------------------- seeding
 
 
-def _check_split_index(split: str, index: int) -> None:
+def check_split_index(split: str, index: int) -> None:
     """Validate the split name and that the index lies inside the split's fixed size."""
     if split not in SPLIT_IDS:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_IDS)}")
@@ -141,7 +135,7 @@ def _check_split_index(split: str, index: int) -> None:
 
 def sample_rng(index: int, split: str = "train", seed: int = 0) -> np.random.Generator:
     """Return the generator for (seed, split, index); SeedSequence mixes the entropy so nearby keys decorrelate."""
-    _check_split_index(split, index)
+    check_split_index(split, index)
     return np.random.default_rng(np.random.SeedSequence([int(seed), SPLIT_IDS[split], int(index)]))
 
 
@@ -464,140 +458,3 @@ class TinyWorldDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for dataset of length {self.length}")
         s = sample(int(i), self.split, self.seed)
         return to_tensor(s.image), s.caption, s.aesthetic
-
-
-# --------------------------------------------------------------------------------------------- parquet
-
-_SCHEMA = pa.schema(
-    [
-        ("index", pa.int64()),
-        ("image", pa.binary()),
-        ("caption", pa.string()),
-        ("aesthetic", pa.float32()),
-        ("split", pa.string()),
-    ]
-)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """Losslessly encode a uint8 [H, W, 3] image as PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """Decode PNG bytes to a uint8 [H, W, 3] array."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-
-def _shard_table(indices: Sequence[int], split: str, seed: int) -> pa.Table:
-    """Build the pyarrow table for one shard."""
-    b = batch(indices, split, seed)
-    return pa.table(
-        {
-            "index": pa.array(indices, pa.int64()),
-            "image": pa.array([encode_png(im) for im in b["images"]], pa.binary()),
-            "caption": pa.array(b["captions"], pa.string()),
-            "aesthetic": pa.array(b["aesthetic"], pa.float32()),
-            "split": pa.array([split] * len(indices), pa.string()),
-        },
-        schema=_SCHEMA.with_metadata({"seed": str(seed)}),
-    )
-
-
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    """Write a table to a temporary file next to ``path`` and rename it into place, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_parquet_shards(
-    out_dir: str | os.PathLike,
-    split: str,
-    n: int,
-    shard_size: int = 512,
-    seed: int = 0,
-    progress: bool = False,
-) -> list[Path]:
-    """Write samples 0..n-1 of ``split`` as ``{split}-{k:05d}.parquet`` shards (other shards of the split in
-    out_dir are removed); return their paths in order."""
-    if n < 0 or shard_size <= 0:
-        raise ValueError(f"need n >= 0 and shard_size > 0, got n={n}, shard_size={shard_size}")
-    _check_split_index(split, max(n - 1, 0))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    starts = range(0, n, shard_size)
-    bar = None
-    if progress:
-        from tqdm import tqdm  # optional dependency of the CLI only
-
-        bar = tqdm(total=n, desc=f"tinyworld {split}", unit="img")
-    paths = []
-    for k, start in enumerate(starts):
-        indices = list(range(start, min(start + shard_size, n)))
-        path = out / f"{split}-{k:05d}.parquet"
-        _write_atomic(_shard_table(indices, split, seed), path)
-        paths.append(path)
-        if bar is not None:
-            bar.update(len(indices))
-    if bar is not None:
-        bar.close()
-    for stale in set(out.glob(f"{split}-*.parquet")) - set(paths):  # shards of an earlier, larger write
-        stale.unlink()
-    return paths
-
-
-def read_parquet_shard(path: str | os.PathLike) -> dict:
-    """Read one shard into a dict like :func:`batch` (plus ``indices`` and ``split``); ValueError if unreadable."""
-    path = Path(path)
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"cannot read TinyWorld parquet shard {path}: {e}") from e
-    missing = set(_SCHEMA.names) - set(table.column_names)
-    if missing:
-        raise ValueError(f"TinyWorld parquet shard {path} lacks columns {sorted(missing)}")
-    cols = table.to_pydict()
-    try:
-        images = [decode_png(b) for b in cols["image"]]
-    except (OSError, ValueError) as e:
-        raise ValueError(f"TinyWorld parquet shard {path} holds an undecodable PNG: {e}") from e
-    splits = set(cols["split"])
-    return {
-        "images": np.stack(images) if images else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8),
-        "captions": list(cols["caption"]),
-        "aesthetic": np.asarray(cols["aesthetic"], dtype=np.float32),
-        "indices": np.asarray(cols["index"], dtype=np.int64),
-        "split": splits.pop() if len(splits) == 1 else None,
-    }
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def main(argv: Sequence[str] | None = None) -> list[Path]:
-    """CLI entry point: write parquet shards of one split."""
-    p = argparse.ArgumentParser(description="Write TinyWorld samples as parquet shards.")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--split", default="train", choices=sorted(SPLIT_IDS))
-    p.add_argument("--n", type=int, required=True, help="number of samples (indices 0..n-1)")
-    p.add_argument("--shard-size", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    size = SPLIT_SIZES[args.split]
-    if size is not None and args.n > size:
-        p.error(f"split {args.split!r} holds only {size} samples, asked for --n {args.n}")
-    paths = write_parquet_shards(args.out, args.split, args.n, args.shard_size, args.seed, progress=True)
-    print(f"wrote {len(paths)} shards to {args.out}")
-    return paths
-
-
-if __name__ == "__main__":
-    main()

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rlstitch.stitch import probe
-from rlstitch.tinyworld import data as tw
+from rlstitch.data import parquet as tw
+from rlstitch.data import probe
 
 SEED = 3
 

@@ -1,0 +1,1 @@
+"""The data layer: tiny-world scenes, Parquet shards, probe batches and their noise seeds, prompt lists."""
