@@ -31,8 +31,9 @@ def _build_learner(cfg, rank: int, world_size: int, value):
     """Policy + DeepSpeed engine + Learner on this Ray Train worker."""
     from ray.train.torch import get_device
 
+    from rlstitch.config import use_bf16
     from rlstitch.models.registry import load_backbone
-    from rlstitch.train.config import pick_dtype, use_bf16
+    from rlstitch.train.config import pick_dtype
     from rlstitch.train.learner import DeepSpeedEngine, Learner, accumulation_steps
     from rlstitch.train.policy import Policy
 

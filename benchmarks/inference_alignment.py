@@ -41,13 +41,13 @@ import torch  # noqa: E402
 
 from rlstitch.eval.fidelity import peak_mb  # noqa: E402
 from rlstitch.io import atomic_write_text  # noqa: E402
+from rlstitch.models.device import model_device  # noqa: E402
 from rlstitch.models.registry import BACKBONES, load_backbone, load_codec, load_reward, stitch_dir  # noqa: E402
 from rlstitch.sampling import fk  # noqa: E402
 from rlstitch.sampling.flow import FlowSampler  # noqa: E402
 from rlstitch.sampling.guidance import dps_sample  # noqa: E402
 from rlstitch.stitch import artifact  # noqa: E402
 from rlstitch.tinyworld.evaluate import CFG_SCALE, held_out_prompts  # noqa: E402
-from rlstitch.value.base import model_device  # noqa: E402
 from rlstitch.value.estimators import Tweedie  # noqa: E402
 
 TWEEDIE_N = (2, 4, 8, 14)

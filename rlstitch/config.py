@@ -11,6 +11,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
 
+PRECISIONS = ("auto", "fp32", "bf16")  # train.precision and finetune.precision
+
+
+def use_bf16(precision: str, cuda: bool) -> bool:
+    """A precision knob's verdict: auto is bf16 on GPU and fp32 on CPU."""
+    return precision == "bf16" or (precision == "auto" and cuda)
+
 
 class ConfigError(ValueError):
     """A config that does not fit its schema or fails validation."""

@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from rlstitch.data import scenes as data
 from rlstitch.eval.metrics import recall_at_1, spearman, unique_captions
 from rlstitch.io import atomic_write, atomic_write_text
+from rlstitch.models.device import model_device
 from rlstitch.models.registry import (
     BACKBONES,
     DEVICES,
@@ -35,10 +36,9 @@ from rlstitch.models.registry import (
 )
 from rlstitch.sampling.flow import forward_noise
 from rlstitch.stitch import artifact
+from rlstitch.stitch.noisy import NoisyReward
 from rlstitch.stitch.vm import LatentTokens
-from rlstitch.value.base import model_device
 from rlstitch.value.estimators import Tweedie
-from rlstitch.value.noisy import NoisyReward
 
 TIMES = ("0.1", "0.25", "0.5", "0.75", "0.9")
 METHODS = ("clean", "tweedie", "vae_stitch", "noisy_reward", "stitchvm_cf", "stitchvm")

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from rlstitch.models.device import model_device
 from rlstitch.sampling.flow import FlowSampler
 from rlstitch.sampling.generate import cfg_velocity, initial_noise
-from rlstitch.value.base import model_device
 
 POTENTIALS = ("diff", "max", "add")
 FINAL_SELECT = ("reward", "value", "none")

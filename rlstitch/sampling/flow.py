@@ -42,10 +42,10 @@ def randn(shape: Sequence[int], generator: Generator, device=None, dtype=torch.f
 
 def tweedie(z: Tensor, t: Tensor | float, v: Tensor) -> Tensor:
     """One-step clean estimate z0_hat = z_t - t v."""
-    return z - _bcast(t, z) * v
+    return z - bcast(t, z) * v
 
 
-def _bcast(t: Tensor | float, z: Tensor) -> Tensor:
+def bcast(t: Tensor | float, z: Tensor) -> Tensor:
     """A scalar or per-sample time, shaped to broadcast against z."""
     t = torch.as_tensor(t, dtype=z.dtype, device=z.device)
     return t.reshape(-1, *([1] * (z.dim() - 1))) if t.dim() else t
@@ -53,7 +53,7 @@ def _bcast(t: Tensor | float, z: Tensor) -> Tensor:
 
 def forward_noise(z0: Tensor, t: Tensor | float, eps: Tensor) -> Tensor:
     """The forward path z_t = (1-t) z0 + t eps."""
-    t = _bcast(t, z0)
+    t = bcast(t, z0)
     return (1 - t) * z0 + t * eps
 
 

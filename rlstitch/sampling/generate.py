@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 
 from rlstitch.models.condition import Condition
+from rlstitch.models.device import model_device
 from rlstitch.sampling.flow import FlowSampler, VelocityHook, randn
-from rlstitch.value.base import model_device
 
 
 def cfg_velocity(backbone, cond: Condition, scale: float) -> Callable[[Tensor, float], Tensor]:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rlstitch.models.device import model_device
 from rlstitch.sampling.flow import FlowSampler, VelocityHook
 from rlstitch.sampling.generate import cfg_velocity, initial_noise
-from rlstitch.value.base import ValueEstimator, model_device
 
 # grad_fn(z, t, prompts) -> (value [B], grad [B, C, H, W]) — a local estimator or a remote value pool.
 GradFn = Callable[[Tensor, float, Sequence[str] | None], tuple[Tensor, Tensor]]
@@ -48,7 +48,8 @@ def dps_hook(value_model, prompts: Sequence[str] | None, scale: float, max_coeff
 
     `value_model` is a ValueEstimator or a GradFn; `trace`, if given, receives (step, t, mean V) per step.
     """
-    grad_fn = local_grad_fn(value_model) if isinstance(value_model, ValueEstimator) else value_model
+    # Duck-typed, so sampling does not import the value layer that builds on it.
+    grad_fn = local_grad_fn(value_model) if hasattr(value_model, "value_and_grad") else value_model
     prompts = None if prompts is None else list(prompts)
 
     def hook(k: int, t: float, t_next: float, z: Tensor, v: Tensor) -> Tensor:

@@ -27,8 +27,8 @@ from rlstitch.stitch.collect import collect_stats
 from rlstitch.stitch.finetune import FinetuneConfig, Targets, finetune, teacher_targets
 from rlstitch.stitch.fit import plot_residuals, residual_table, select, solve_all
 from rlstitch.stitch.layer import StitchLayer
+from rlstitch.stitch.noisy import NoisyReward
 from rlstitch.stitch.vm import LatentTokens, StitchVM
-from rlstitch.value.noisy import NoisyReward
 
 
 @dataclass

@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from rlstitch.models.device import model_device
 from rlstitch.sampling.flow import forward_noise
 from rlstitch.stitch.layer import resample_tokens
 from rlstitch.stitch.stats import StitchStats
-from rlstitch.value.base import model_device
 
 
 def probe_noise(batch: int, latent_shape: Sequence[int], seed: int) -> tuple[Tensor, Tensor]:

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from rlstitch.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlstitch.config import PRECISIONS, use_bf16
+from rlstitch.models.device import model_device
 from rlstitch.sampling.flow import forward_noise
-from rlstitch.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlstitch.train.config import PRECISIONS, use_bf16
-from rlstitch.value.base import model_device
 
 
 @dataclass

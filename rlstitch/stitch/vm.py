@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from rlstitch.models.device import model_device
 from rlstitch.stitch.layer import StitchLayer
-from rlstitch.value.base import ValueEstimator, model_device
+from rlstitch.value.base import ValueEstimator
 
 
 class LatentTokens(nn.Module):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlstitch.config import ConfigError
+from rlstitch.config import PRECISIONS, ConfigError
 from rlstitch.train.lora import ATTENTION_TARGETS
 
 
@@ -216,14 +216,6 @@ def from_dict(cfg: RecipeConfig | dict) -> RecipeConfig:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RecipeConfig), OmegaConf.create(dict(cfg))))
-
-
-PRECISIONS = ("auto", "fp32", "bf16")  # train.precision and finetune.precision
-
-
-def use_bf16(precision: str, cuda: bool) -> bool:
-    """A precision knob's verdict: auto is bf16 on GPU and fp32 on CPU."""
-    return precision == "bf16" or (precision == "auto" and cuda)
 
 
 def pick_dtype(name: str, cuda: bool):

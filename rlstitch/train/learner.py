@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from rlstitch import checkpoint as ckpt
 from rlstitch.sampling.flow import FlowSampler
-from rlstitch.train import checkpoint as ckpt
 from rlstitch.train import lora as L
 from rlstitch.train.config import RecipeConfig
 from rlstitch.train.draft import draft_surrogate, truncated_rollout
@@ -72,12 +72,12 @@ class TorchEngine:
 
     def optimizer_state(self) -> tuple[dict, dict]:
         """Optimizer tensors (copies: the optimizer updates its own in place) and JSON-able scalars."""
-        tensors, scalars = ckpt._optimizer_tensors(self.optimizer)
+        tensors, scalars = ckpt.optimizer_tensors(self.optimizer)
         return {k: v.detach().cpu().clone() for k, v in tensors.items()}, scalars
 
     def load_optimizer_state(self, tensors: dict, scalars: dict) -> None:
         """Inverse of optimizer_state (after the weights are loaded)."""
-        ckpt._restore_optimizer(self.optimizer, tensors, scalars)
+        ckpt.restore_optimizer(self.optimizer, tensors, scalars)
 
 
 class DeepSpeedEngine:
@@ -128,7 +128,7 @@ class DeepSpeedEngine:
 
     def optimizer_state(self) -> tuple[dict, dict]:
         """This rank's optimizer moments plus its fp32 master partition (ZeRO), without pickle."""
-        tensors, scalars = ckpt._optimizer_tensors(self._base())
+        tensors, scalars = ckpt.optimizer_tensors(self._base())
         tensors = {k: v.detach().cpu().clone() for k, v in tensors.items()}
         for i, part in enumerate(getattr(self.optimizer, "single_partition_of_fp32_groups", [])):
             tensors[f"master.{i}"] = part.detach().cpu().clone()
@@ -139,7 +139,7 @@ class DeepSpeedEngine:
         """Restore moments and the fp32 master partition (the module weights must already be loaded)."""
         for i, part in enumerate(getattr(self.optimizer, "single_partition_of_fp32_groups", [])):
             part.copy_(tensors[f"master.{i}"].to(part.device, part.dtype))
-        ckpt._restore_optimizer(self._base(), {k: v for k, v in tensors.items() if k.startswith("opt.")}, scalars)
+        ckpt.restore_optimizer(self._base(), {k: v for k, v in tensors.items() if k.startswith("opt.")}, scalars)
 
 
 # ------------------------------------------------------------------------------------------- learner

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rlstitch.sampling.flow import _bcast
+from rlstitch.sampling.flow import bcast
 
 
 def optimality_probability(rewards: Tensor, group_size: int, adv_clip_max: float = 5.0, eps: float = 1e-4) -> Tensor:
@@ -46,7 +46,7 @@ def bridge(t: Tensor, tau: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 def bridge_point(z_tau: Tensor, tau: Tensor, t: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
     """(z_t, target velocity u) on the bridge from z_tau (tau=0: forward path and eps - z0)."""
-    a, s, da, ds = (_bcast(c, z_tau) for c in bridge(t, tau))
+    a, s, da, ds = (bcast(c, z_tau) for c in bridge(t, tau))
     return a * z_tau + s * eps, da * z_tau + ds * eps
 
 
@@ -88,7 +88,7 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, v_ref: Tensor, z_t: Tensor, t: Tens
     with L+- the adaptively weighted x0 errors of v+-. Computed in float32 whatever the model's dtype.
     """
     v_theta, v_old, v_ref, z_t, u = (x.float() for x in (v_theta, v_old.detach(), v_ref.detach(), z_t, u))
-    tb, r = _bcast(t.float(), z_t), r.float().to(z_t.device)
+    tb, r = bcast(t.float(), z_t), r.float().to(z_t.device)
     x0 = z_t - tb * u
     v_pos = (1 - beta) * v_old + beta * v_theta
     v_neg = (1 + beta) * v_old - beta * v_theta

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rlstitch.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlstitch.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("rlstitch.train")
 

@@ -8,14 +8,6 @@ import torch
 from torch import Tensor, nn
 
 
-def model_device(model) -> torch.device:
-    """Where a model's parameters live (cpu for parameter-free stand-ins)."""
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
 def check_latent(z: Tensor, t: Tensor | float, channels: int, name: str) -> Tensor:
     """Validate a noisy latent batch and its time; returns t as a [B] float tensor."""
     if not isinstance(z, Tensor) or z.dim() != 4 or z.shape[1] != channels:

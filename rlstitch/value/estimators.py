@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from rlstitch.sampling.flow import FlowSampler, _bcast
+from rlstitch.sampling.flow import FlowSampler, bcast
 from rlstitch.value.base import ValueEstimator, check_latent, check_prompts
 
 
@@ -23,7 +23,7 @@ class Tweedie(ValueEstimator):
 
     def embed(self, z: Tensor, t: Tensor) -> Tensor:
         """Reward embedding of the decoded one-step estimate (null text condition)."""
-        z0 = z - _bcast(t, z) * self.backbone.velocity(z, t)
+        z0 = z - bcast(t, z) * self.backbone.velocity(z, t)
         return self.reward.embed_image(self.codec.decode(z0))
 
 

@@ -37,7 +37,7 @@ def test_build_writes_every_part(built):
 def test_artifact_loads_and_scores(built, random_world):
     from rlstitch.models.registry import load_backbone, load_reward
     from rlstitch.stitch import artifact
-    from rlstitch.value.noisy import NoisyReward
+    from rlstitch.stitch.noisy import NoisyReward
 
     vm = artifact.load(built, load_backbone("tiny-sd3"), load_reward("tiny-clip"))
     noisy = NoisyReward.load(built / "noisy_reward", load_reward("tiny-clip"))
@@ -149,8 +149,8 @@ def test_finetune_trains_the_reward_tower_and_leaves_the_teachers_alone(random_w
     from rlstitch.models.registry import load_backbone, load_codec, load_reward
     from rlstitch.stitch.finetune import FinetuneConfig, finetune, teacher_targets
     from rlstitch.stitch.layer import StitchLayer
+    from rlstitch.stitch.noisy import NoisyReward
     from rlstitch.stitch.vm import StitchVM
-    from rlstitch.value.noisy import NoisyReward
 
     bb, rw, codec = load_backbone("tiny-sd3"), load_reward("tiny-clip"), load_codec("tiny-vae")
     train = teacher_targets(rw, codec, load_images("tinyworld", 16)[0])

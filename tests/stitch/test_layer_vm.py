@@ -70,8 +70,8 @@ def test_stitch_and_noisy_reward_follow_the_reward_device(random_backbone, tiny_
     """A stitch built on the CPU joins the reward's device (a GPU in use; 'meta' here), as does NoisyReward."""
     import copy
 
+    from rlstitch.stitch.noisy import NoisyReward
     from rlstitch.stitch.vm import StitchVM
-    from rlstitch.value.noisy import NoisyReward
 
     reward = copy.deepcopy(tiny_clip_reward).to("meta")
     layer = StitchLayer(random_backbone.hidden_dim, reward.width, (8, 8), reward.grid)
@@ -86,8 +86,8 @@ def test_stitch_and_noisy_reward_follow_the_reward_device(random_backbone, tiny_
 @pytest.mark.parametrize("hw", [(16, 16), (4, 4)])
 def test_latent_of_another_resolution_is_a_clear_error(tiny_clip_reward, hw):
     """A latent whose token grid differs from the one the stitch / NoisyReward was built for names both grids."""
+    from rlstitch.stitch.noisy import NoisyReward
     from rlstitch.stitch.vm import LatentTokens, StitchVM
-    from rlstitch.value.noisy import NoisyReward
 
     torch.manual_seed(0)
     layer = StitchLayer(4, tiny_clip_reward.width, (8, 8), tiny_clip_reward.grid)
@@ -102,7 +102,7 @@ def test_latent_of_another_resolution_is_a_clear_error(tiny_clip_reward, hw):
 
 def test_noisy_reward_load_checks_weights_and_manifest(tiny_clip_reward, tmp_path):
     """NoisyReward artifacts carry a weights SHA-256: truncated or altered weights, or a broken manifest, fail clearly."""
-    from rlstitch.value.noisy import NoisyReward
+    from rlstitch.stitch.noisy import NoisyReward
 
     net = NoisyReward(tiny_clip_reward, 4, (8, 8), seed=3)
     net.save(tmp_path / "nr")
@@ -120,7 +120,7 @@ def test_noisy_reward_load_checks_weights_and_manifest(tiny_clip_reward, tmp_pat
 
 def test_building_a_noisy_reward_leaves_the_global_rng_alone(tiny_clip_reward):
     """Its seeded init must not reseed the caller's global RNG (a loaded baseline would make later draws repeat)."""
-    from rlstitch.value.noisy import NoisyReward
+    from rlstitch.stitch.noisy import NoisyReward
 
     torch.manual_seed(123)
     expected = torch.rand(3)

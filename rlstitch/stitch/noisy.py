@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from rlstitch.io import atomic_save, atomic_write_text, sha256
+from rlstitch.models.device import model_device
 from rlstitch.models.fingerprint import fingerprint
 from rlstitch.stitch.artifact import check_weights
 from rlstitch.stitch.layer import resample_tokens
-from rlstitch.value.base import ValueEstimator, model_device
+from rlstitch.value.base import ValueEstimator
 
 
 def _reinit(module: nn.Module) -> None:

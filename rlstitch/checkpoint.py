@@ -13,7 +13,7 @@ from torch import nn
 from rlstitch.io import atomic_save, atomic_write_text
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Flatten an optimizer's state into tensors plus JSON-able scalars."""
     sd = opt.state_dict()
     tensors, scalars = {}, {"param_groups": sd["param_groups"], "state": {}}
@@ -26,8 +26,8 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     return tensors, scalars
 
 
-def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, scalars: dict) -> None:
-    """Inverse of _optimizer_tensors."""
+def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, scalars: dict) -> None:
+    """Inverse of optimizer_tensors."""
     state: dict = {}
     for name, v in tensors.items():
         _, pid, k = name.split(".", 2)
@@ -47,7 +47,7 @@ def save_checkpoint(path: str | Path, modules: dict[str, nn.Module], optimizer: 
     tensors = {f"{m}.{k}": v for m, mod in modules.items() for k, v in mod.state_dict().items()}
     scalars: dict = {}
     if optimizer is not None:
-        opt_t, scalars = _optimizer_tensors(optimizer)
+        opt_t, scalars = optimizer_tensors(optimizer)
         tensors |= opt_t
     for name, g in (generators or {}).items():
         tensors[f"rng.{name}"] = g.get_state()
@@ -70,7 +70,7 @@ def load_checkpoint(path: str | Path, modules: dict[str, nn.Module], optimizer: 
     for m, mod in modules.items():
         mod.load_state_dict({k[len(m) + 1:]: v for k, v in tensors.items() if k.startswith(m + ".")})
     if optimizer is not None:
-        _restore_optimizer(optimizer, {k: v for k, v in tensors.items() if k.startswith("opt.")}, info["optimizer"])
+        restore_optimizer(optimizer, {k: v for k, v in tensors.items() if k.startswith("opt.")}, info["optimizer"])
     for name, g in (generators or {}).items():
         g.set_state(tensors[f"rng.{name}"])
     return info
