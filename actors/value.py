@@ -5,33 +5,31 @@ A request is {"z": latents [B, C, H, W], "t": float or [B], "prompts": list of B
 latent size and return one result per request, in order. A bad request (shape, dtype, NaN/Inf, t outside [0, 1],
 prompt count) raises a ValueError naming the request and the problem to that caller; the actor keeps serving.
 
+- ValueSpec / build_estimator: what an actor hosts, and loading it.
 - ValueActor: the plain class (usable in-process; Ray wraps it through ActorGroup).
 - ValueActorPool: N actors in one placement group (GPU fractions allowed), round-robin or least-loaded.
-- ValueDeployment / serve_value: the same as a Ray Serve deployment with @serve.batch and autoscaling,
-  reachable by deployment handle; an optional HTTP route bound to 127.0.0.1 for debugging.
+
+Requests are validated and batched by rlstitch.value.requests (Ray-free); actors/serve.py puts the same
+ValueActor behind Ray Serve.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import ray
 import torch
-from ray import serve
 from torch import Tensor
 
-from actors.group import ActorGroup, RoleSpec, bundle, get_within
+from actors.group import ActorGroup, RoleSpec, get_within
 from actors.metrics import record
 from rlstitch.models.registry import check_device, resolve_device
-from rlstitch.value.base import check_latent
+from rlstitch.value.requests import Batch, batch_requests, split
 
 KINDS = ("stitchvm", "tweedie", "monte_carlo")
-REQUEST_KEYS = {"z", "t", "prompts"}
 
 
 @dataclass
@@ -92,87 +90,6 @@ def build_estimator(spec: ValueSpec, device: torch.device | str = "cpu"):
     if spec.kind == "tweedie":
         return Tweedie(backbone, codec, reward).eval()
     return MonteCarlo(backbone, codec, reward, k=spec.mc_k, steps=spec.mc_steps).eval()
-
-
-# ----------------------------------------------------------------------------------------- requests
-
-
-@dataclass
-class Batch:
-    """Requests of one latent size concatenated along the batch, with the sizes to split the results back."""
-
-    z: Tensor
-    t: Tensor
-    prompts: list[str] | None
-    sizes: list[int] = field(default_factory=list)
-    index: list[int] = field(default_factory=list)  # the position of each request in the caller's list
-
-
-def expected_hw(model) -> tuple[int, int] | None:
-    """The latent size a StitchVM accepts (its stitch grid times the DiT patch), None when any size works."""
-    layer, backbone = getattr(model, "layer", None), getattr(model, "backbone", None)
-    if layer is None or not hasattr(backbone, "patch_size"):
-        return None
-    return layer.grid_u[0] * backbone.patch_size, layer.grid_u[1] * backbone.patch_size
-
-
-def parse_request(req: Any, index: int, model) -> tuple[Tensor, Tensor, list[str] | None]:
-    """(z, t [B], prompts) of one request, or a ValueError naming request `index` and the problem."""
-    where = f"value request {index}"
-    if not isinstance(req, Mapping):
-        raise ValueError(f"{where}: must be a dict with keys z, t, prompts, got {type(req).__name__}")
-    if not {"z", "t"} <= set(req) or set(req) - REQUEST_KEYS:
-        raise ValueError(f"{where}: keys must be z, t and optionally prompts, got {sorted(req)}")
-    z = req["z"]
-    if isinstance(z, Tensor) and z.dtype in (torch.float16, torch.bfloat16, torch.float64):
-        z = z.float()
-    try:
-        t = check_latent(z, req["t"], model.latent_channels, where)
-    except (TypeError, RuntimeError) as e:  # e.g. a t that is not a number
-        raise ValueError(f"{where}: bad t {req['t']!r} ({e})") from None
-    if z.dtype != torch.float32:
-        raise ValueError(f"{where}: latent dtype must be a float type, got {z.dtype}")
-    hw = expected_hw(model)
-    if hw is not None and tuple(z.shape[-2:]) != hw:
-        raise ValueError(f"{where}: latent must be [B, {model.latent_channels}, {hw[0]}, {hw[1]}], got {tuple(z.shape)}")
-    return z, t.cpu(), _prompts(req.get("prompts"), len(z), where, model)
-
-
-def _prompts(prompts, n: int, where: str, model) -> list[str] | None:
-    """Validated prompts: one string per latent (prompt-free rewards accept None)."""
-    if prompts is None:
-        if getattr(model.reward, "kind", "") == "clip":
-            raise ValueError(f"{where}: the {model.reward.name} reward needs one prompt per latent, got none")
-        return None
-    if not isinstance(prompts, Sequence) or isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{where}: prompts must be a list of strings")
-    if len(prompts) != n:
-        raise ValueError(f"{where}: got {len(prompts)} prompts for a batch of {n} latents")
-    return list(prompts)
-
-
-def batch_requests(requests: Sequence, model) -> list[Batch]:
-    """Validate every request, then concatenate them into one batch per latent size (H, W)."""
-    if not isinstance(requests, (list, tuple)):
-        raise ValueError(f"value requests must be a list of dicts, got {type(requests).__name__}")
-    parsed = [parse_request(r, k, model) for k, r in enumerate(requests)]
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for k, (z, _, _) in enumerate(parsed):
-        groups.setdefault(tuple(z.shape[1:]), []).append(k)
-    batches = []
-    for index in groups.values():
-        part = [parsed[k] for k in index]
-        sizes = [len(z) for z, _, _ in part]
-        has = [p is not None for _, _, p in part]
-        prompts = [q for (z, _, p) in part for q in (p if p is not None else [""] * len(z))] if any(has) else None
-        batches.append(Batch(torch.cat([z for z, _, _ in part]), torch.cat([t for _, t, _ in part]), prompts, sizes,
-                             index))
-    return batches
-
-
-def split(x: Tensor, sizes: Sequence[int]) -> list[Tensor]:
-    """Per-request pieces of a batched result (copies, so a piece does not pin the whole batch)."""
-    return [p.clone() for p in torch.split(x, list(sizes))]
 
 
 # --------------------------------------------------------------------------------------------- actor
@@ -379,87 +296,3 @@ class ValueActorPool:
     def shutdown(self) -> None:
         """Kill the actors and free their placement group."""
         self.group.shutdown()
-
-
-# --------------------------------------------------------------------------------------------- Serve
-
-DEFAULT_AUTOSCALING = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}
-
-
-@serve.deployment(name="ValueModel", max_ongoing_requests=64)
-class ValueDeployment:
-    """A value actor behind Ray Serve: single requests in, dynamically batched by @serve.batch."""
-
-    def __init__(self, spec: Mapping, tags: Mapping[str, str] | None = None, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.01):
-        self.actor = ValueActor(spec, tags={"role": "value", **dict(tags or {})})
-        for method in (self._value_batch, self._grad_batch):
-            method.set_max_batch_size(max_batch_size)
-            method.set_batch_wait_timeout_s(batch_wait_timeout_s)
-
-    async def value(self, request: Mapping) -> Tensor:
-        """V of one request; a bad request fails alone, before it joins a batch."""
-        self.actor.check(request)
-        return _result(await self._value_batch(request))
-
-    async def value_and_grad(self, request: Mapping) -> tuple[Tensor, Tensor]:
-        """(V, grad) of one request."""
-        self.actor.check(request)
-        return _result(await self._grad_batch(request))
-
-    def info(self) -> dict:
-        """The hosted actor's info (calls counts batches, latents counts latents)."""
-        return self.actor.info()
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _value_batch(self, requests: list[Mapping]) -> list[Tensor]:
-        # The forward runs in a thread so the event loop keeps queueing the next batch.
-        return await asyncio.to_thread(self.actor.each, "value", list(requests))
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _grad_batch(self, requests: list[Mapping]) -> list[tuple[Tensor, Tensor]]:
-        return await asyncio.to_thread(self.actor.each, "value_and_grad", list(requests))
-
-    async def __call__(self, http_request) -> Any:
-        """Debug HTTP route: POST {"z": nested list, "t": ..., "prompts": [...], "grad": false}."""
-        from starlette.responses import JSONResponse
-
-        body = await http_request.json()
-        try:
-            req = {"z": torch.tensor(body["z"], dtype=torch.float32), "t": body["t"], "prompts": body.get("prompts")}
-            if body.get("grad"):
-                v, g = await self.value_and_grad(req)
-                return {"value": v.tolist(), "grad": g.tolist()}
-            return {"value": (await self.value(req)).tolist()}
-        except (ValueError, KeyError, TypeError) as e:
-            return JSONResponse({"error": str(e)}, status_code=400)
-
-
-def _result(x):
-    """A batched result, or the exception of a request that failed alone (raised to its caller only)."""
-    if isinstance(x, Exception):
-        raise x
-    return x
-
-
-def actor_options(role: RoleSpec) -> dict:
-    """ray_actor_options of a replica from a RoleSpec (custom resources the cluster lacks are dropped)."""
-    one = bundle(role, "value")
-    return {"num_cpus": role.num_cpus, "num_gpus": role.num_gpus,
-            "resources": {k: v for k, v in one.items() if k not in ("CPU", "GPU")}}
-
-
-def serve_value(spec: ValueSpec | Mapping | None = None, *, name: str = "value", role: RoleSpec | None = None,
-                autoscaling: Mapping | None = None, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01,
-                http_port: int | None = None, tags: Mapping[str, str] | None = None):
-    """Deploy the value model on Ray Serve; returns its DeploymentHandle (`handle.value.remote(req).result()`).
-
-    With http_port, also a debug route POST http://127.0.0.1:<port>/<name> (never bound beyond loopback).
-    """
-    spec = as_spec(spec)
-    http = {"host": "127.0.0.1", "port": http_port or 8000}
-    serve.start(proxy_location="HeadOnly" if http_port else "Disabled", http_options=http)
-    app = ValueDeployment.options(
-        autoscaling_config=dict(autoscaling or DEFAULT_AUTOSCALING), ray_actor_options=actor_options(role or RoleSpec()),
-    ).bind(asdict(spec), dict(tags or {}), max_batch_size, batch_wait_timeout_s)
-    return serve.run(app, name=name, route_prefix=f"/{name}" if http_port else None)

@@ -151,7 +151,7 @@ def test_serve_batch_keeps_a_failing_request_from_other_callers():
     """A request that fails inside the batched forward fails alone; the others in its batch get their values."""
     import asyncio
 
-    from actors.value import ValueDeployment, _result
+    from actors.serve import ValueDeployment, _result
 
     cls = ValueDeployment.func_or_class
     dep = cls.__new__(cls)  # no Serve replica: call the functions @serve.batch hands the joined requests to
@@ -268,7 +268,7 @@ def test_serve_deployment_batches_requests_by_handle(ray_local, stitch_spec):
     from ray import serve
 
     from actors.group import RoleSpec
-    from actors.value import serve_value
+    from actors.serve import serve_value
 
     handle = serve_value(stitch_spec, name="value_test", role=RoleSpec(num_cpus=0.5), max_batch_size=8,
                          batch_wait_timeout_s=0.5, autoscaling={"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1})
@@ -296,7 +296,7 @@ def test_serve_http_route_on_loopback(ray_local, stitch_spec):
     from ray import serve
 
     from actors.group import RoleSpec
-    from actors.value import serve_value
+    from actors.serve import serve_value
 
     port = 18431
     serve_value(stitch_spec, name="value_http", role=RoleSpec(num_cpus=0.5), http_port=port,
