@@ -1,17 +1,21 @@
 """One placement helper for every actor group (rollout, value, learner, stats): the driver reads like
 single-process code — `group.call("method", ...)` runs on every worker, `group.map(...)` spreads items.
+
+A role's RoleSpec (rlstitch/placement.py) becomes a placement group here (ActorGroup), Ray Train's
+ScalingConfig (scaling_config) or a Serve replica's ray_actor_options (actor_options), always through `bundle`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlstitch.placement import RoleSpec
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 1800.0  # default longest wait for a group call; pass timeout= to change it
@@ -26,32 +30,6 @@ def get_within(refs, timeout: float | None, what: str, fix: str):
                            f"or {fix}") from None
 
 
-@dataclass
-class RoleSpec:
-    """How many workers a role gets and what each one reserves (GPU fractions allowed)."""
-
-    num_workers: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    custom_resources: dict[str, float] = field(default_factory=dict)  # e.g. {"rollout": 1}: used when the cluster has it
-    strategy: str = "PACK"  # placement strategy of the group's bundles
-    ready_timeout_s: float = 120.0  # how long to wait for the cluster to fit the group
-
-    @property
-    def cpus(self) -> float:
-        """CPUs the whole group reserves."""
-        return self.num_workers * self.num_cpus
-
-    def validate(self, role: str) -> None:
-        """Clear errors for impossible requests."""
-        if self.num_workers < 1:
-            raise ValueError(f"{role}.num_workers must be >= 1, got {self.num_workers}")
-        if self.num_cpus < 0 or self.num_gpus < 0:
-            raise ValueError(f"{role}: num_cpus and num_gpus must be >= 0")
-        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
-            raise ValueError(f"{role}.num_gpus={self.num_gpus}: fractions are allowed only below 1")
-
-
 def bundle(spec: RoleSpec, role: str) -> dict[str, float]:
     """The resources of one worker; custom resources the cluster does not offer are dropped with a warning."""
     have = ray.cluster_resources()
@@ -64,6 +42,21 @@ def bundle(spec: RoleSpec, role: str) -> dict[str, float]:
         else:
             log.warning("cluster offers no %r resource; %s workers go on any node", name, role)
     return {k: v for k, v in b.items() if v}
+
+
+def scaling_config(spec: RoleSpec, role: str = "learner"):
+    """Ray Train's ScalingConfig for a role: num_workers workers, each reserving the role's bundle."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.num_gpus > 0,
+                         resources_per_worker=bundle(spec, role), placement_strategy=spec.strategy)
+
+
+def actor_options(spec: RoleSpec, role: str = "value") -> dict:
+    """ray_actor_options of a Serve replica (custom resources the cluster lacks are dropped)."""
+    one = bundle(spec, role)
+    return {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus,
+            "resources": {k: v for k, v in one.items() if k not in ("CPU", "GPU")}}
 
 
 class ActorGroup:

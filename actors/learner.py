@@ -21,8 +21,9 @@ import ray
 import torch
 from ray.util.queue import Empty, Queue
 
-from actors.group import RoleSpec, bundle
+from actors.group import scaling_config
 from actors.metrics import record
+from rlstitch.placement import RoleSpec
 
 COMMANDS = ("update", "weights", "state", "load_state", "stop")
 
@@ -116,7 +117,7 @@ class LearnerGroup:
 
     def __init__(self, cfg, role: RoleSpec, tags: Mapping[str, str], value=None, tiny_dir: str | None = None,
                  storage: str | Path | None = None):
-        from ray.train import RunConfig, ScalingConfig
+        from ray.train import RunConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         from rlstitch.config import to_dict
@@ -126,15 +127,12 @@ class LearnerGroup:
         self.timeout = cfg.train.timeout_s
         self.inboxes = [Queue() for _ in range(self.world)]
         self.outbox = Queue()
-        one = bundle(role, "learner")
         use_gpu = role.num_gpus > 0
-        resources = {k: v for k, v in one.items() if k != "GPU"} | ({"GPU": role.num_gpus} if use_gpu else {})
         trainer = TorchTrainer(
             learner_loop,
             train_loop_config={"cfg": to_dict(cfg), "inboxes": self.inboxes, "outbox": self.outbox, "value": value,
                                "tiny_dir": tiny_dir},
-            scaling_config=ScalingConfig(num_workers=self.world, use_gpu=use_gpu, resources_per_worker=resources,
-                                         placement_strategy=role.strategy),
+            scaling_config=scaling_config(role, "learner"),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(self.timeout)),
             run_config=RunConfig(name=f"learner-{tags.get('run', 'run')}",
                                  storage_path=str(Path(storage or "runs/ray_train").resolve())),

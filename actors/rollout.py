@@ -15,8 +15,9 @@ import ray
 import torch
 from torch import Tensor
 
-from actors.group import ActorGroup, RoleSpec
+from actors.group import ActorGroup
 from actors.metrics import record
+from rlstitch.placement import RoleSpec
 from rlstitch.sampling.flow import FlowSampler
 from rlstitch.sampling.generate import initial_noise
 from rlstitch.train.config import RecipeConfig, from_dict, pick_dtype

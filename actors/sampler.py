@@ -18,37 +18,11 @@ import ray
 import torch
 from tqdm import tqdm
 
-from actors.group import RoleSpec
 from rlstitch.config import ConfigError
 from rlstitch.data.prompts import load_prompts
+from rlstitch.placement import Placement
 
-ROLE_RESOURCES = ("rollout", "value", "learner")  # the custom resources the cluster files define
 REQUIRED = "REQUIRED"  # placeholder of a value the user must give
-
-
-def _rollout_role() -> RoleSpec:
-    return RoleSpec(num_workers=2, num_cpus=0.5, custom_resources={"rollout": 1})
-
-
-def _value_role() -> RoleSpec:
-    return RoleSpec(num_workers=1, num_cpus=1.0, custom_resources={"value": 1})
-
-
-@dataclass
-class Placement:
-    """Rollout actors (particles / prompts) and value actors (the value pool), each one placement group."""
-
-    rollout: RoleSpec = field(default_factory=_rollout_role)
-    value: RoleSpec = field(default_factory=_value_role)
-
-    def validate(self) -> None:
-        """Sizes and custom resource names the cluster files know."""
-        for role in ("rollout", "value"):
-            spec: RoleSpec = getattr(self, role)
-            spec.validate(f"placement.{role}")
-            bad = sorted(set(spec.custom_resources) - set(ROLE_RESOURCES))
-            if bad:
-                raise ConfigError(f"placement.{role}.custom_resources has {bad}; allowed: {list(ROLE_RESOURCES)}")
 
 
 @dataclass

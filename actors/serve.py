@@ -18,8 +18,9 @@ import torch
 from ray import serve
 from torch import Tensor
 
-from actors.group import RoleSpec, bundle
+from actors.group import actor_options
 from actors.value import ValueActor, ValueSpec, as_spec
+from rlstitch.placement import RoleSpec
 
 DEFAULT_AUTOSCALING = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8}
 
@@ -78,13 +79,6 @@ def _result(x):
     if isinstance(x, Exception):
         raise x
     return x
-
-
-def actor_options(role: RoleSpec) -> dict:
-    """ray_actor_options of a replica from a RoleSpec (custom resources the cluster lacks are dropped)."""
-    one = bundle(role, "value")
-    return {"num_cpus": role.num_cpus, "num_gpus": role.num_gpus,
-            "resources": {k: v for k, v in one.items() if k not in ("CPU", "GPU")}}
 
 
 def serve_value(spec: ValueSpec | Mapping | None = None, *, name: str = "value", role: RoleSpec | None = None,

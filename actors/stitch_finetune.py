@@ -198,19 +198,17 @@ def train_loop(config: dict) -> None:
 
 def run_finetune(job: FinetuneJob, learner, storage: str | Path):
     """Launch the TorchTrainer for `job` with the learner role's placement; returns the Ray Train Result."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from actors.group import bundle
+    from actors.group import scaling_config
 
     gpu = learner.num_gpus > 0
     backend = learner.backend if learner.backend != "auto" else ("nccl" if gpu else "gloo")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=asdict(job),
-        scaling_config=ScalingConfig(num_workers=learner.num_workers, use_gpu=gpu,
-                                     resources_per_worker=bundle(learner, "learner"),
-                                     placement_strategy=learner.strategy),
+        scaling_config=scaling_config(learner, "learner"),
         torch_config=TorchConfig(backend=backend, timeout_s=int(learner.collective_timeout_s)),
         run_config=RunConfig(
             name=RUN_NAME, storage_path=str(Path(storage).resolve()),

@@ -24,9 +24,10 @@ import ray
 import torch
 from torch import Tensor
 
-from actors.group import ActorGroup, RoleSpec, get_within
+from actors.group import ActorGroup, get_within
 from actors.metrics import record
 from rlstitch.models.registry import check_device, resolve_device
+from rlstitch.placement import RoleSpec
 from rlstitch.value.requests import Batch, batch_requests, split
 
 KINDS = ("stitchvm", "tweedie", "monte_carlo")

@@ -113,9 +113,10 @@ def tiny_world_ready() -> bool:
 def throughput(workers: int, folder: str, args, env: dict) -> dict:
     """Statistics passes with `workers` stats actors, timed after model load and warm-up; the best of
     args.repeats passes counts (a shared machine's other load only ever slows a pass down)."""
-    from actors.group import ActorGroup, RoleSpec
+    from actors.group import ActorGroup
     from actors.stats import StatsWorker, collect_distributed
     from rlstitch.data.probe import ProbeShard, plan_shards
+    from rlstitch.placement import RoleSpec
 
     shards = plan_shards(args.probe_images, args.batch, workers * args.shards_per_worker, seed=1)
     group = ActorGroup(StatsWorker, RoleSpec(num_workers=workers, num_cpus=1), {"backbone": "tiny-sd3",

@@ -44,14 +44,15 @@ if str(ROOT) not in sys.path:
 
 import ray  # noqa: E402
 
-from actors.group import ActorGroup, RoleSpec, get_within  # noqa: E402
+from actors.group import ActorGroup, get_within  # noqa: E402
 from actors.metrics import record  # noqa: E402
 from actors.runtime import init_ray  # noqa: E402
 from actors.stats import StatsWorker, collect_distributed  # noqa: E402
 from actors.stitch_finetune import FinetuneJob, run_finetune  # noqa: E402
-from rlstitch.config import ConfigError, load_config, to_dict  # noqa: E402
+from rlstitch.config import ConfigError, load_recipe_config, to_dict  # noqa: E402
 from rlstitch.data.parquet import row_counts, write_parquet_shards  # noqa: E402
 from rlstitch.data.probe import plan_shards  # noqa: E402
+from rlstitch.placement import STATS_RESOURCES, RoleSpec, check_resources, check_strategy  # noqa: E402
 from rlstitch.stitch import artifact  # noqa: E402
 from rlstitch.stitch.build import (  # noqa: E402
     StitchBuildConfig,
@@ -63,24 +64,11 @@ from rlstitch.stitch.build import (  # noqa: E402
 
 CONFIGS = ROOT / "recipes" / "configs" / "build_stitch"
 DEFAULT_CONFIG = "tiny-sd3_tiny-clip"
-ROLE_RESOURCES = ("rollout", "value", "learner")  # the custom resources of cluster/ node types
-STATS_RESOURCES = ("value",)  # stats workers share the value nodes, or take none
-STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 FORWARDED_ENV = ("RLSTITCH_TINY_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")
 REQUIRED = "REQUIRED"  # placeholder of a value the user must give (YAML '???' would be dropped by the merge)
 # Fields of the config that decide the statistics and the fit (a re-run with the same values reuses them).
 FIT_KEYS = ("backbone", "backbone_path", "reward", "reward_path", "data", "probe_images", "batch", "j_max",
             "i_tolerance", "ridge", "seed")
-
-
-def _check_resources(role: str, resources: dict, allowed: tuple[str, ...]) -> None:
-    """Custom resource names must be ones the cluster files define for this role."""
-    bad = sorted(set(resources) - set(allowed))
-    if bad:
-        raise ConfigError(f"{role}.custom_resources has {bad}; allowed: {list(allowed) or 'none'} "
-                          f"(set {role}.custom_resources={{}} to place anywhere)")
-    if any(v <= 0 for v in resources.values()):
-        raise ConfigError(f"{role}.custom_resources amounts must be positive, got {dict(resources)}")
 
 
 @dataclass
@@ -115,9 +103,8 @@ class StatsConfig:
             raise ConfigError(f"stats.merge_group must be >= 2, got {self.merge_group}")
         if self.max_shard_retries < 0 or self.shard_timeout_s <= 0:
             raise ConfigError("stats.max_shard_retries must be >= 0 and stats.shard_timeout_s > 0")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"stats.strategy={self.strategy!r} is not one of {STRATEGIES}")
-        _check_resources("stats", self.custom_resources, STATS_RESOURCES)
+        check_strategy("stats", self.strategy)
+        check_resources("stats", self.custom_resources, STATS_RESOURCES)
         self.role().validate("stats")
 
 
@@ -137,7 +124,7 @@ class LearnerConfig(RoleSpec):
     def check(self) -> None:
         """Start-up checks naming the knob to change."""
         self.validate("learner")
-        _check_resources("learner", self.custom_resources, ROLE_RESOURCES)
+        check_resources("learner", self.custom_resources)
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"learner.zero_stage must be 0, 1 or 2 (stage 3 needs DeepSpeed's forward "
                               f"hooks), got {self.zero_stage}")
@@ -147,8 +134,7 @@ class LearnerConfig(RoleSpec):
             raise ConfigError("learner.backend=nccl needs learner.num_gpus > 0 (or use backend=auto)")
         if self.bf16 and not self.num_gpus:
             raise ConfigError("learner.bf16=true needs learner.num_gpus > 0")
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"learner.strategy={self.strategy!r} is not one of {STRATEGIES}")
+        check_strategy("learner", self.strategy)
         if self.keep_checkpoints < 1 or self.max_failures < 0 or self.collective_timeout_s <= 0:
             raise ConfigError("learner.keep_checkpoints must be >= 1, learner.max_failures >= 0, "
                               "learner.collective_timeout_s > 0")
@@ -201,19 +187,9 @@ class BuildStitchConfig(StitchBuildConfig):
             raise ConfigError(f"data_shard_rows must be >= 1, got {self.data_shard_rows}")
 
 
-def config_file(name: str) -> Path:
-    """A config by name (a file of recipes/configs/build_stitch) or path."""
-    path = Path(name) if name.endswith((".yaml", ".yml")) else CONFIGS / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in CONFIGS.glob("*.yaml"))
-        raise ConfigError(f"config={name!r}: no file {path}; known configs: {known}")
-    return path
-
-
 def parse(argv: list[str]) -> BuildStitchConfig:
     """config=NAME (optional) and key=value overrides -> a validated config."""
-    name = next((a.split("=", 1)[1] for a in argv if a.startswith("config=")), DEFAULT_CONFIG)
-    return load_config(BuildStitchConfig, [a for a in argv if not a.startswith("config=")], config_file(name))
+    return load_recipe_config(BuildStitchConfig, argv, CONFIGS, DEFAULT_CONFIG)
 
 
 def model_fields(cfg: BuildStitchConfig) -> dict:

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 from actors.group import ActorGroup  # noqa: E402
 from actors.sampler import InferenceConfig, SamplerActor, begin, run_chunks, write_outputs  # noqa: E402
 from actors.value import ValueActorPool  # noqa: E402
-from rlstitch.config import ConfigError, load_config, to_dict  # noqa: E402
+from rlstitch.config import ConfigError, load_recipe_config, to_dict  # noqa: E402
 
 CONFIGS = ROOT / "recipes" / "configs" / "dps"
 DEFAULT_CONFIG = "tiny"
@@ -50,18 +50,9 @@ class DPSConfig(InferenceConfig):
             raise ConfigError(f"max_coeff must be > 0, got {self.max_coeff}")
 
 
-def config_file(name: str, folder: Path = CONFIGS) -> Path:
-    """A config by name (a file of the recipe's config folder) or path."""
-    path = Path(name) if name.endswith((".yaml", ".yml")) else folder / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"config={name!r}: no file {path}; known configs: {sorted(p.stem for p in folder.glob('*.yaml'))}")
-    return path
-
-
 def parse(argv: list[str], schema=DPSConfig, folder: Path = CONFIGS):
     """config=NAME (default tiny) and key=value overrides -> a validated config."""
-    name = next((a.split("=", 1)[1] for a in argv if a.startswith("config=")), DEFAULT_CONFIG)
-    return load_config(schema, [a for a in argv if not a.startswith("config=")], config_file(name, folder))
+    return load_recipe_config(schema, argv, folder, DEFAULT_CONFIG)
 
 
 def options(cfg: InferenceConfig) -> dict:

@@ -18,15 +18,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python recipes/x.py` puts only recipes/ on the path
     sys.path.insert(0, str(ROOT))
 
-from actors.group import ActorGroup, RoleSpec  # noqa: E402
+from actors.group import ActorGroup  # noqa: E402
 from actors.learner import LearnerGroup  # noqa: E402
 from actors.metrics import record  # noqa: E402
 from actors.rollout import EVAL, RolloutGroup  # noqa: E402
 from actors.runtime import init_ray  # noqa: E402
 from actors.value import ValueActor, ValueClient, ValueSpec  # noqa: E402
-from rlstitch.config import ConfigError, load_config, to_dict  # noqa: E402
+from rlstitch.config import load_recipe_config, to_dict  # noqa: E402
 from rlstitch.data.prompts import load_prompts  # noqa: E402
 from rlstitch.models.registry import BACKBONES  # noqa: E402
+from rlstitch.placement import RoleSpec  # noqa: E402
 from rlstitch.train.config import RecipeConfig  # noqa: E402
 from rlstitch.train.policy import VOCABULARY, PromptStream, draw_stops  # noqa: E402
 from rlstitch.train.run import RunLogger, find_resume, image_grid, load_run, save_run  # noqa: E402
@@ -37,19 +38,12 @@ CONFIGS = ROOT / "recipes" / "configs"
 
 def parse(recipe: str, argv: list[str] | None = None) -> RecipeConfig:
     """`config=<name or yaml>` picks recipes/configs/<recipe>/<name>.yaml (default: tiny); the rest are key=value."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    choice = next((a.split("=", 1)[1] for a in argv if a.startswith("config=")), "tiny")
-    overrides = [a for a in argv if not a.startswith("config=")]
-    yaml = Path(choice) if choice.endswith((".yaml", ".yml")) else CONFIGS / recipe / f"{choice}.yaml"
-    if not yaml.is_file():
-        known = sorted(p.stem for p in (CONFIGS / recipe).glob("*.yaml"))
-        raise ConfigError(f"no config {choice!r} for recipe {recipe}: pick config=<one of {known}> or a YAML path")
-    return load_config(RecipeConfig, overrides, yaml)
+    return load_recipe_config(RecipeConfig, list(sys.argv[1:] if argv is None else argv), CONFIGS / recipe)
 
 
 def role(cfg: RecipeConfig, name: str) -> RoleSpec:
     """The RoleSpec of a placement entry."""
-    return RoleSpec(**asdict(getattr(cfg.placement, name)))
+    return getattr(cfg.placement, name)
 
 
 @dataclass

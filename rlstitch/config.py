@@ -45,6 +45,22 @@ def load_config(schema: type[T], overrides: Sequence[str] = (), yaml: str | Path
     return obj
 
 
+def config_file(name: str, folder: str | Path) -> Path:
+    """A recipe's config by name (a file of its folder, recipes/configs/<recipe>/) or a YAML path."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else Path(folder) / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(folder).glob("*.yaml"))
+        raise ConfigError(f"config={name!r}: no file {path}; known configs: {known} (or give a YAML path)")
+    return path
+
+
+def load_recipe_config(schema: type[T], argv: Sequence[str], folder: str | Path, default: str = "tiny") -> T:
+    """`config=NAME` (a file of `folder`, default `default`, or a YAML path) and key=value overrides -> a
+    validated config: the one lookup every recipe uses."""
+    name = next((a.split("=", 1)[1] for a in argv if a.startswith("config=")), default)
+    return load_config(schema, [a for a in argv if not a.startswith("config=")], config_file(name, folder))
+
+
 def to_dict(cfg) -> dict:
     """A plain dict of a (nested) dataclass config, for manifests and logs."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

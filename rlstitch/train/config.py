@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlstitch.config import PRECISIONS, ConfigError
+from rlstitch.placement import RoleSpec
 from rlstitch.train.lora import ATTENTION_TARGETS
 
 
@@ -145,24 +146,12 @@ class LogConfig:
 
 
 @dataclass
-class Role:
-    """The fields of actors.group.RoleSpec: workers per role and what each reserves."""
-
-    num_workers: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    custom_resources: dict[str, float] = field(default_factory=dict)
-    strategy: str = "PACK"
-    ready_timeout_s: float = 120.0
-
-
-@dataclass
 class PlacementConfig:
     """Per-role placement; roles are the cluster files' custom resources rollout / value / learner."""
 
-    rollout: Role = field(default_factory=lambda: Role(num_cpus=0.5, custom_resources={"rollout": 1}))
-    value: Role = field(default_factory=lambda: Role(num_cpus=0.5, custom_resources={"value": 1}))
-    learner: Role = field(default_factory=lambda: Role(num_cpus=1.0, custom_resources={"learner": 1}))
+    rollout: RoleSpec = field(default_factory=lambda: RoleSpec(num_cpus=0.5, custom_resources={"rollout": 1}))
+    value: RoleSpec = field(default_factory=lambda: RoleSpec(num_cpus=0.5, custom_resources={"value": 1}))
+    learner: RoleSpec = field(default_factory=lambda: RoleSpec(num_cpus=1.0, custom_resources={"learner": 1}))
 
 
 @dataclass
@@ -254,13 +243,7 @@ def _problems(c: RecipeConfig):
         yield (f"train.steps={c.train.steps} is not a multiple of train.updates_per_iteration="
                f"{c.train.updates_per_iteration}: change either")
     for role in ("rollout", "value", "learner"):
-        r = getattr(c.placement, role)
-        if r.num_workers < 1:
-            yield f"placement.{role}.num_workers must be >= 1, got {r.num_workers}"
-        if r.num_gpus > 1 and r.num_gpus != int(r.num_gpus):
-            yield f"placement.{role}.num_gpus={r.num_gpus}: fractions are allowed only below 1"
-        if r.num_gpus < 0 or r.num_cpus < 0:
-            yield f"placement.{role}: num_cpus and num_gpus must be >= 0"
+        yield from getattr(c.placement, role).problems(f"placement.{role}")
     n_roll, n_learn = c.placement.rollout.num_workers, c.placement.learner.num_workers
     if c.rollout.prompts_per_iteration % max(n_roll, 1):
         yield (f"rollout.prompts_per_iteration={c.rollout.prompts_per_iteration} is not divisible by "

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from actors.group import ActorGroup, RoleSpec
+from actors.group import ActorGroup
+from rlstitch.placement import RoleSpec
 
 
 def napper():

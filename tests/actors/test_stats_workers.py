@@ -39,9 +39,10 @@ def test_shard_batches_reproduce_image_batches(tmp_path):
 
 def _distributed(folder, world, fail_once: str = ""):
     """Statistics of the probe folder from 2 stats workers x 2 shards."""
-    from actors.group import ActorGroup, RoleSpec
+    from actors.group import ActorGroup
     from actors.stats import StatsWorker, collect_distributed
     from rlstitch.data.probe import plan_shards
+    from rlstitch.placement import RoleSpec
 
     models = {"backbone": "tiny-sd3", "reward": "tiny-clip"}
     group = ActorGroup(StatsWorker, RoleSpec(num_workers=2, num_cpus=1), models, str(folder), J_MAX,

@@ -210,8 +210,8 @@ WAIT = 600  # seconds: actor start-up (imports, model loading) is slow on a load
 
 @pytest.mark.slow
 def test_pool_serves_stitchvm_batches_and_survives_bad_input(ray_local, stitch_spec):
-    from actors.group import RoleSpec
     from actors.value import ValueActorPool
+    from rlstitch.placement import RoleSpec
 
     local = ValueActor(stitch_spec)
     pool = ValueActorPool(stitch_spec, RoleSpec(num_workers=2, num_cpus=0.5, custom_resources={"value": 1}),
@@ -267,8 +267,8 @@ def test_least_loaded_avoids_a_busy_actor(ray_local):
 def test_serve_deployment_batches_requests_by_handle(ray_local, stitch_spec):
     from ray import serve
 
-    from actors.group import RoleSpec
     from actors.serve import serve_value
+    from rlstitch.placement import RoleSpec
 
     handle = serve_value(stitch_spec, name="value_test", role=RoleSpec(num_cpus=0.5), max_batch_size=8,
                          batch_wait_timeout_s=0.5, autoscaling={"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1})
@@ -295,8 +295,8 @@ def test_serve_http_route_on_loopback(ray_local, stitch_spec):
 
     from ray import serve
 
-    from actors.group import RoleSpec
     from actors.serve import serve_value
+    from rlstitch.placement import RoleSpec
 
     port = 18431
     serve_value(stitch_spec, name="value_http", role=RoleSpec(num_cpus=0.5), http_port=port,

@@ -1,0 +1,87 @@
+"""The one placement model, Ray-free: what a role (rollout, value, learner, stats) asks the cluster for.
+
+ActorGroup places a RoleSpec as a placement group, the learner groups turn it into Ray Train's ScalingConfig,
+Serve deployments into ray_actor_options (actors/group.py); every recipe config holds RoleSpecs and checks them
+here, so the checks and the custom resource names exist once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from rlstitch.config import ConfigError
+
+ROLE_RESOURCES = ("rollout", "value", "learner")  # the custom resources of cluster/ node types
+STATS_RESOURCES = ("value",)  # stats workers share the value nodes, or take none
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass
+class RoleSpec:
+    """How many workers a role gets and what each one reserves (GPU fractions allowed)."""
+
+    num_workers: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    custom_resources: dict[str, float] = field(default_factory=dict)  # e.g. {"rollout": 1}: used when the cluster has it
+    strategy: str = "PACK"  # placement strategy of the group's bundles
+    ready_timeout_s: float = 120.0  # how long to wait for the cluster to fit the group
+
+    @property
+    def cpus(self) -> float:
+        """CPUs the whole group reserves."""
+        return self.num_workers * self.num_cpus
+
+    def problems(self, role: str) -> Iterator[str]:
+        """One message per impossible request, each naming the knob."""
+        if self.num_workers < 1:
+            yield f"{role}.num_workers must be >= 1, got {self.num_workers}"
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            yield f"{role}: num_cpus and num_gpus must be >= 0"
+        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
+            yield f"{role}.num_gpus={self.num_gpus}: fractions are allowed only below 1"
+
+    def validate(self, role: str) -> None:
+        """Clear errors for impossible requests."""
+        for problem in self.problems(role):
+            raise ValueError(problem)
+
+
+def check_resources(role: str, resources: dict, allowed: tuple[str, ...] = ROLE_RESOURCES) -> None:
+    """Custom resource names must be ones the cluster files define for this role, with positive amounts."""
+    bad = sorted(set(resources) - set(allowed))
+    if bad:
+        raise ConfigError(f"{role}.custom_resources has {bad}; allowed: {list(allowed) or 'none'} "
+                          f"(set {role}.custom_resources={{}} to place anywhere)")
+    if any(v <= 0 for v in resources.values()):
+        raise ConfigError(f"{role}.custom_resources amounts must be positive, got {dict(resources)}")
+
+
+def check_strategy(role: str, strategy: str) -> None:
+    """A placement strategy Ray knows."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"{role}.strategy={strategy!r} is not one of {STRATEGIES}")
+
+
+def _rollout_role() -> RoleSpec:
+    return RoleSpec(num_workers=2, num_cpus=0.5, custom_resources={"rollout": 1})
+
+
+def _value_role() -> RoleSpec:
+    return RoleSpec(num_workers=1, num_cpus=1.0, custom_resources={"value": 1})
+
+
+@dataclass
+class Placement:
+    """The inference recipes' roles: rollout actors (particles / prompts) and value actors (the value pool)."""
+
+    rollout: RoleSpec = field(default_factory=_rollout_role)
+    value: RoleSpec = field(default_factory=_value_role)
+
+    def validate(self) -> None:
+        """Sizes and custom resource names the cluster files know."""
+        for role in ("rollout", "value"):
+            spec: RoleSpec = getattr(self, role)
+            spec.validate(f"placement.{role}")
+            check_resources(f"placement.{role}", spec.custom_resources)
