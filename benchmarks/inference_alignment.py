@@ -28,27 +28,22 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import bootstrap
+import torch
 
-import torch  # noqa: E402
-
-from rlstitch.eval.fidelity import peak_mb  # noqa: E402
-from rlstitch.io import atomic_write_text  # noqa: E402
-from rlstitch.models.device import model_device  # noqa: E402
-from rlstitch.models.registry import BACKBONES, load_backbone, load_codec, load_reward, stitch_dir  # noqa: E402
-from rlstitch.sampling import fk  # noqa: E402
-from rlstitch.sampling.flow import FlowSampler  # noqa: E402
-from rlstitch.sampling.guidance import dps_sample  # noqa: E402
-from rlstitch.stitch import artifact  # noqa: E402
-from rlstitch.tinyworld.evaluate import CFG_SCALE, held_out_prompts  # noqa: E402
-from rlstitch.value.estimators import Tweedie  # noqa: E402
+from rlstitch.eval.fidelity import peak_mb
+from rlstitch.io import atomic_write_text
+from rlstitch.models.device import model_device
+from rlstitch.models.registry import BACKBONES, load_backbone, load_codec, load_reward, stitch_dir
+from rlstitch.sampling import fk
+from rlstitch.sampling.flow import FlowSampler
+from rlstitch.sampling.guidance import dps_sample
+from rlstitch.stitch import artifact
+from rlstitch.tinyworld.evaluate import CFG_SCALE, held_out_prompts
+from rlstitch.value.estimators import Tweedie
 
 TWEEDIE_N = (2, 4, 8, 14)
 STITCH_NM = ((2, 2), (4, 2), (4, 4), (8, 4), (8, 6))

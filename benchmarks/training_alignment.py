@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "recipes"))
-sys.path.insert(0, str(ROOT))
+import bootstrap
 
 METHODS = {
     "nft": ("nft_sd35", "baseline"),

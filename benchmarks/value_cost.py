@@ -19,27 +19,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
+from bootstrap import ROOT
 
-import torch  # noqa: E402
-
-from rlstitch.eval.fidelity import cost, median_ms, peak_mb  # noqa: E402
-from rlstitch.io import atomic_write_text  # noqa: E402
-from rlstitch.models.backbone import FluxBackbone, SD3Backbone  # noqa: E402
-from rlstitch.models.codec import LatentCodec  # noqa: E402
-from rlstitch.models.condition import Condition  # noqa: E402
-from rlstitch.models.reward import ClipReward  # noqa: E402
-from rlstitch.sampling.flow import FlowSampler  # noqa: E402
-from rlstitch.sampling.generate import cfg_velocity  # noqa: E402
-from rlstitch.sampling.guidance import dps_sample  # noqa: E402
-from rlstitch.stitch.layer import StitchLayer  # noqa: E402
-from rlstitch.stitch.vm import StitchVM  # noqa: E402
-from rlstitch.value.estimators import Tweedie  # noqa: E402
+from rlstitch.eval.fidelity import cost, median_ms, peak_mb
+from rlstitch.io import atomic_write_text
+from rlstitch.models.backbone import FluxBackbone, SD3Backbone
+from rlstitch.models.codec import LatentCodec
+from rlstitch.models.condition import Condition
+from rlstitch.models.reward import ClipReward
+from rlstitch.sampling.flow import FlowSampler
+from rlstitch.sampling.generate import cfg_velocity
+from rlstitch.sampling.guidance import dps_sample
+from rlstitch.stitch.layer import StitchLayer
+from rlstitch.stitch.vm import StitchVM
+from rlstitch.value.estimators import Tweedie
 
 TINY = ROOT / "rlstitch" / "tinyworld" / "weights"
 SD3_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,

@@ -38,23 +38,20 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # `python recipes/build_stitch.py` from a clone or Ray's working-dir copy
+import bootstrap
+import ray
 
-import ray  # noqa: E402
-
-from actors.group import ActorGroup, get_within  # noqa: E402
-from actors.metrics import record  # noqa: E402
-from actors.runtime import init_ray  # noqa: E402
-from actors.stats import StatsWorker, collect_distributed  # noqa: E402
-from actors.stitch_finetune import FinetuneJob, run_finetune  # noqa: E402
-from rlstitch.config import ConfigError, load_recipe_config, to_dict  # noqa: E402
-from rlstitch.data.parquet import row_counts, write_parquet_shards  # noqa: E402
-from rlstitch.data.probe import plan_shards  # noqa: E402
-from rlstitch.placement import STATS_RESOURCES, RoleSpec, check_resources, check_strategy  # noqa: E402
-from rlstitch.stitch import artifact  # noqa: E402
-from rlstitch.stitch.build import (  # noqa: E402
+from actors.group import ActorGroup, get_within
+from actors.metrics import record
+from actors.runtime import init_ray
+from actors.stats import StatsWorker, collect_distributed
+from actors.stitch_finetune import FinetuneJob, run_finetune
+from rlstitch.config import ConfigError, load_recipe_config, to_dict
+from rlstitch.data.parquet import row_counts, write_parquet_shards
+from rlstitch.data.probe import plan_shards
+from rlstitch.placement import STATS_RESOURCES, RoleSpec, check_resources, check_strategy
+from rlstitch.stitch import artifact
+from rlstitch.stitch.build import (
     StitchBuildConfig,
     manifest_fields,
     probe_seed,
@@ -62,7 +59,7 @@ from rlstitch.stitch.build import (  # noqa: E402
     write_fit_report,
 )
 
-CONFIGS = ROOT / "recipes" / "configs" / "build_stitch"
+CONFIGS = bootstrap.CONFIGS / "build_stitch"
 DEFAULT_CONFIG = "tiny-sd3_tiny-clip"
 FORWARDED_ENV = ("RLSTITCH_TINY_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")
 REQUIRED = "REQUIRED"  # placeholder of a value the user must give (YAML '???' would be dropped by the merge)

@@ -21,16 +21,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # `python recipes/dps.py` from a clone or from Ray's working-dir copy
+import bootstrap
 
-from actors.group import ActorGroup  # noqa: E402
-from actors.sampler import InferenceConfig, SamplerActor, begin, run_chunks, write_outputs  # noqa: E402
-from actors.value import ValueActorPool  # noqa: E402
-from rlstitch.config import ConfigError, load_recipe_config, to_dict  # noqa: E402
+from actors.group import ActorGroup
+from actors.sampler import InferenceConfig, SamplerActor, begin, run_chunks, write_outputs
+from actors.value import ValueActorPool
+from rlstitch.config import ConfigError, load_recipe_config, to_dict
 
-CONFIGS = ROOT / "recipes" / "configs" / "dps"
+CONFIGS = bootstrap.CONFIGS / "dps"
 DEFAULT_CONFIG = "tiny"
 
 

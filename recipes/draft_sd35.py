@@ -12,14 +12,10 @@ Defaults run on the tiny world (tiny-sd3, tiny-clip, the committed StitchVM). Ou
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-from driver import draw_batch, end_iteration, finish, log_iteration, open_run, sync_rollouts  # noqa: E402
+import torch
+from driver import draw_batch, end_iteration, finish, log_iteration, open_run, sync_rollouts
 
 
 def main(argv: list[str] | None = None, recipe: str = "draft_sd35") -> dict:

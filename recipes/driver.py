@@ -13,27 +13,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from bootstrap import CONFIGS
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python recipes/x.py` puts only recipes/ on the path
-    sys.path.insert(0, str(ROOT))
-
-from actors.group import ActorGroup  # noqa: E402
-from actors.learner import LearnerGroup  # noqa: E402
-from actors.metrics import record  # noqa: E402
-from actors.rollout import EVAL, RolloutGroup  # noqa: E402
-from actors.runtime import init_ray  # noqa: E402
-from actors.value import ValueActor, ValueClient, ValueSpec  # noqa: E402
-from rlstitch.config import load_recipe_config, to_dict  # noqa: E402
-from rlstitch.data.prompts import load_prompts  # noqa: E402
-from rlstitch.models.registry import BACKBONES  # noqa: E402
-from rlstitch.placement import RoleSpec  # noqa: E402
-from rlstitch.train.config import RecipeConfig  # noqa: E402
-from rlstitch.train.policy import VOCABULARY, PromptStream, draw_stops  # noqa: E402
-from rlstitch.train.run import RunLogger, find_resume, image_grid, load_run, save_run  # noqa: E402
-from rlstitch.train.scoring import LazyCleanReward, Scorer  # noqa: E402
-
-CONFIGS = ROOT / "recipes" / "configs"
+from actors.group import ActorGroup
+from actors.learner import LearnerGroup
+from actors.metrics import record
+from actors.rollout import EVAL, RolloutGroup
+from actors.runtime import init_ray
+from actors.value import ValueActor, ValueClient, ValueSpec
+from rlstitch.config import load_recipe_config, to_dict
+from rlstitch.data.prompts import load_prompts
+from rlstitch.models.registry import BACKBONES
+from rlstitch.placement import RoleSpec
+from rlstitch.train.config import RecipeConfig
+from rlstitch.train.policy import VOCABULARY, PromptStream, draw_stops
+from rlstitch.train.run import RunLogger, find_resume, image_grid, load_run, save_run
+from rlstitch.train.scoring import LazyCleanReward, Scorer
 
 
 def parse(recipe: str, argv: list[str] | None = None) -> RecipeConfig:

@@ -20,23 +20,19 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # `python recipes/fks.py` from a clone or from Ray's working-dir copy
+import bootstrap
 
-from dataclasses import asdict  # noqa: E402
+from actors.group import ActorGroup
+from actors.sampler import InferenceConfig, SamplerActor, begin, run_chunks, write_outputs
+from actors.value import ValueActorPool
+from recipes.dps import options, parse
+from rlstitch.config import ConfigError, to_dict
+from rlstitch.sampling.fk import FKConfig
 
-from actors.group import ActorGroup  # noqa: E402
-from actors.sampler import InferenceConfig, SamplerActor, begin, run_chunks, write_outputs  # noqa: E402
-from actors.value import ValueActorPool  # noqa: E402
-from recipes.dps import options, parse  # noqa: E402
-from rlstitch.config import ConfigError, to_dict  # noqa: E402
-from rlstitch.sampling.fk import FKConfig  # noqa: E402
-
-CONFIGS = ROOT / "recipes" / "configs" / "fks"
+CONFIGS = bootstrap.CONFIGS / "fks"
 
 
 @dataclass

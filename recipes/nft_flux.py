@@ -12,15 +12,11 @@ Outputs go to <out>: metrics.jsonl, summary.json, wandb/ (offline unless WANDB_M
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from driver import draw_batch, end_iteration, finish, log_iteration, open_run, sync_rollouts
 
-from driver import draw_batch, end_iteration, finish, log_iteration, open_run, sync_rollouts  # noqa: E402
-
-from rlstitch.train.nft import optimality_probability  # noqa: E402
+from rlstitch.train.nft import optimality_probability
 
 
 def main(argv: list[str] | None = None, recipe: str = "nft_flux") -> dict:

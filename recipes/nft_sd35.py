@@ -8,12 +8,7 @@ The driver loop is recipes/nft_flux.py's; only the configs under recipes/configs
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from nft_flux import main as nft_main  # noqa: E402
+from nft_flux import main as nft_main
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,12 +1,8 @@
 """The inference-alignment benchmark end to end on two prompts: its JSON keys and its evaluation counts."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 
 @pytest.mark.slow

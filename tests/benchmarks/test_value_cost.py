@@ -1,12 +1,8 @@
 """The real-architecture cost benchmark on the tiny world's shapes (random weights): its figures and its errors."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 
 @pytest.mark.slow

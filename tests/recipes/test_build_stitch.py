@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pytest
 from cluster_utils import free_port, submit_job
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "recipes"))
 
 REAL = ["sd35-medium_clip-vit-l-14", "sd35-large_dfn-clip", "flux-dev_hpsv2", "sd35-medium_aesthetic"]
 FILLED = ["data=/shared/probe", "reward_path=/shared/weights", "out=/shared/out"]

@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
 
 
 def tiny_args(out: Path, stitch: str, steps: int) -> list[str]:
