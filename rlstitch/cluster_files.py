@@ -17,7 +17,9 @@ from typing import Any
 
 import yaml
 
-ROLES = frozenset({"rollout", "value", "learner"})
+from rlstitch.placement import ROLE_RESOURCES
+
+ROLES = frozenset(ROLE_RESOURCES)  # the custom resources every cluster file offers
 BUILTIN_RESOURCES = frozenset({"CPU", "GPU", "TPU", "memory", "object_store_memory"})
 KUBERAY_API_VERSION = "ray.io/v1"
 KUBERAY_KINDS = frozenset({"RayCluster", "RayJob"})
