@@ -18,9 +18,8 @@ from torch import Tensor
 from actors.group import ActorGroup
 from actors.metrics import record
 from rlstitch.placement import RoleSpec
-from rlstitch.sampling.flow import FlowSampler
 from rlstitch.sampling.generate import initial_noise
-from rlstitch.train.config import RecipeConfig, from_dict, pick_dtype
+from rlstitch.train.config import RecipeConfig, flow_sampler, from_dict, pick_dtype
 from rlstitch.train.lora import state_bytes
 from rlstitch.train.policy import Policy, sample_to_stops, stop_times
 
@@ -46,8 +45,7 @@ class RolloutWorker:
         self.policy = Policy(backbone, lo.enabled, lo.rank, lo.alpha, lo.targets, slots=(EVAL,), seed=self.cfg.train.seed)
         self.policy.requires_grad_(False)
         self.codec = load_codec(m.codec, m.codec_path, device=self.device)
-        s = self.cfg.sampler
-        self.sampler = FlowSampler(s.steps, s.shift, s.sde, s.noise_level)
+        self.sampler = flow_sampler(self.cfg)
         self.versions = {"default": -1, EVAL: -1}
         self.tags = {"role": "rollout", "recipe": self.cfg.recipe, "run": "", **dict(tags or {})}
 

@@ -47,7 +47,8 @@ class InferenceConfig:
     num_prompts: int = 8  # first n prompts of the file / captions
     latent_hw: list[int] = field(default_factory=lambda: [8, 8])
     steps: int = 20
-    shift: float = 1.0
+    schedule: str = "auto"  # auto: the backbone's pipeline schedule if it has a scheduler config, else static
+    shift: float = 1.0  # schedule=static only: t' = s t / (1 + (s-1) t) on linspace(1, 0, steps+1)
     noise_level: float = 2.0  # SDE noise nu (SPEC: nu^2 = 4t/(1-t))
     cfg_scale: float = 4.0
     chunk: int = 2  # prompts per rollout call (the unit the progress bar counts)
@@ -74,6 +75,18 @@ class InferenceConfig:
             raise ConfigError(f"value.policy={self.value.policy!r} must be least_loaded or round_robin")
         self.placement.validate()
         self.value_spec().validate()
+        try:
+            self.grid()
+        except (KeyError, ValueError) as e:
+            raise ConfigError(str(e).strip("\"'")) from e
+
+    def grid(self) -> list[float] | None:
+        """The sampling times (the backbone pipeline's at latent_hw), or None for the static shift(linspace)."""
+        from rlstitch.sampling.schedule import sampling_grid
+
+        g = sampling_grid(self.schedule, self.backbone, self.backbone_path, self.steps, self.shift, self.latent_hw,
+                          knob="")
+        return None if g is None else list(g)
 
     def value_spec(self):
         """The ValueSpec the value actors load (same backbone and reward as the sampler)."""
@@ -117,7 +130,8 @@ class SamplerActor:
     def _sampler(self, o: Mapping, sde: bool = True):
         from rlstitch.sampling.flow import FlowSampler
 
-        return FlowSampler(steps=o["steps"], shift=o["shift"], sde=sde, noise_level=o["noise_level"])
+        grid = tuple(o["grid"]) if o.get("grid") is not None else None
+        return FlowSampler(steps=o["steps"], shift=o["shift"], sde=sde, noise_level=o["noise_level"], grid=grid)
 
     def dps(self, prompts: Sequence[str], seeds: Sequence[int], o: Mapping) -> dict:
         """Guided samples (values and gradients from the pool), and the unguided ones with o["baseline"]."""

@@ -55,7 +55,7 @@ def parse(argv: list[str], schema=DPSConfig, folder: Path = CONFIGS):
 
 def options(cfg: InferenceConfig) -> dict:
     """What every rollout call needs (plain data)."""
-    return {"steps": cfg.steps, "shift": cfg.shift, "noise_level": cfg.noise_level, "cfg_scale": cfg.cfg_scale,
+    return {"steps": cfg.steps, "shift": cfg.shift, "grid": cfg.grid(), "noise_level": cfg.noise_level, "cfg_scale": cfg.cfg_scale,
             "latent_hw": list(cfg.latent_hw)}
 
 

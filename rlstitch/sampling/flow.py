@@ -79,9 +79,20 @@ class FlowSampler:
     shift: float = 1.0
     sde: bool = False
     noise_level: float = 2.0
+    grid: tuple[float, ...] | None = None  # explicit times 1 -> 0 (a pipeline's schedule); None: shifted linspace
+
+    def __post_init__(self):
+        """An explicit grid must hold steps+1 times falling from <= 1 to 0 (shift is then unused)."""
+        g = self.grid
+        if g is not None and (len(g) != self.steps + 1 or not 0 < g[0] <= 1 or g[-1] != 0
+                              or any(a <= b for a, b in zip(g, g[1:], strict=False))):
+            raise ValueError(f"grid must hold steps+1={self.steps + 1} strictly falling times from <= 1 to 0, got "
+                             f"{len(g)}: {list(g)[:3]} .. {list(g)[-2:]}")
 
     def timesteps(self) -> Tensor:
         """The full time grid 1 -> 0."""
+        if self.grid is not None:
+            return torch.tensor(self.grid, dtype=torch.float64)
         return time_grid(self.steps, self.shift)
 
     def step(self, z: Tensor, v: Tensor, t: float, t_next: float, generator: Generator = None) -> Tensor:

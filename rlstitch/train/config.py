@@ -49,7 +49,8 @@ class SamplerConfig:
     """The rollout sampler (flow-matching Euler ODE, or SDE with sde=true)."""
 
     steps: int = 10
-    shift: float = 1.0
+    schedule: str = "auto"  # auto: the backbone's pipeline schedule if it has a scheduler config, else static
+    shift: float = 1.0  # schedule=static only: t' = s t / (1 + (s-1) t) on linspace(1, 0, steps+1)
     sde: bool = False
     noise_level: float = 2.0
     cfg_scale: float = 1.0  # DiffusionNFT is CFG-free: keep 1.0
@@ -236,6 +237,13 @@ def _problems(c: RecipeConfig):
         yield f"checkpoint.keep must be >= 0 (0 keeps every checkpoint), got {c.checkpoint.keep}"
     if not c.sampler.shift > 0:
         yield f"sampler.shift must be > 0 (1: no shift), got {c.sampler.shift}"
+    else:
+        from rlstitch.sampling.schedule import resolve
+
+        try:
+            resolve(c.sampler.schedule, c.model.backbone, c.model.path, c.sampler.shift)
+        except (KeyError, ValueError) as e:
+            yield str(e).strip("\"'")
     for name, names in [("reward.names", c.reward.names), ("eval.rewards", c.eval.rewards)]:
         if len(set(names)) != len(names):  # results are keyed by name: a repeated one would be dropped silently
             yield f"{name}={list(names)} repeats a reward: list each once (weight it with reward.weights)"
@@ -308,6 +316,16 @@ def _problems(c: RecipeConfig):
         yield f"lora.rank must be >= 1, got {c.lora.rank}"
     if not 0 <= c.train.ema_decay < 1:
         yield f"train.ema_decay must be in [0, 1), got {c.train.ema_decay}"
+
+
+def flow_sampler(c: RecipeConfig):
+    """The run's FlowSampler: sampler.* on the schedule of sampler.schedule at model.latent_size."""
+    from rlstitch.sampling.flow import FlowSampler
+    from rlstitch.sampling.schedule import sampling_grid
+
+    s, hw = c.sampler, (c.model.latent_size, c.model.latent_size)
+    grid = sampling_grid(s.schedule, c.model.backbone, c.model.path, s.steps, s.shift, hw)
+    return FlowSampler(s.steps, s.shift, s.sde, s.noise_level, grid=grid)
 
 
 def _choice(name: str, value, allowed) -> list[str]:

@@ -14,9 +14,8 @@ import torch
 from torch import Tensor
 
 from rlstitch import checkpoint as ckpt
-from rlstitch.sampling.flow import FlowSampler
 from rlstitch.train import lora as L
-from rlstitch.train.config import RecipeConfig
+from rlstitch.train.config import RecipeConfig, flow_sampler
 from rlstitch.train.draft import draft_surrogate, truncated_rollout
 from rlstitch.train.nft import bridge_point, nft_loss, old_policy_decay, sample_train_times
 from rlstitch.train.policy import REF, Policy
@@ -156,7 +155,7 @@ class Learner:
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.steps_done = 0
         self.ema = {k: v.detach().clone().float() for k, v in policy.named_trainable().items()}
-        self.grid = FlowSampler(cfg.sampler.steps, cfg.sampler.shift).timesteps()
+        self.grid = flow_sampler(cfg).timesteps()
         self._cond: dict[str, object] = {}
 
     # -- helpers ---------------------------------------------------------------------------------
