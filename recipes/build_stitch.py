@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
 import ray  # noqa: E402
 
 from actors.group import ActorGroup, RoleSpec, get_within  # noqa: E402
-from actors.metrics import record  # noqa: E402
+from actors.metrics import record, zero_counters  # noqa: E402
 from actors.runtime import init_ray  # noqa: E402
 from actors.stats import StatsWorker, collect_distributed, plan_shards, row_counts  # noqa: E402
 from actors.stitch_finetune import FinetuneJob, run_finetune  # noqa: E402
@@ -262,6 +262,7 @@ def fit_stage(cfg: BuildStitchConfig, out: Path, probe_dir: str, env: dict, tags
     """Distributed statistics -> every fit -> (i*, j*) -> closed-form artifact; returns manifest fields."""
     shards = plan_shards(cfg.probe_images, cfg.batch, cfg.stats.workers * cfg.stats.shards_per_worker,
                          probe_seed(cfg))
+    zero_counters(("rlstitch_stats_shards_total", "rlstitch_stats_tokens_total"), tags)  # seen at 0 while workers load
     group = ActorGroup(StatsWorker, cfg.stats.role(), model_fields(cfg), probe_dir, cfg.j_max, env,
                        cfg.stats.threads, cfg.stats.fail_once, role="stats")
     try:
