@@ -69,6 +69,8 @@ def substitute(expr: str, values: dict[str, str]) -> str:
 
 def judge(expr: str, legend: str, series: list[dict]) -> tuple[str | None, float]:
     """(problem or None, largest finite value) of one panel's range-query result."""
+    if re.search(r"_total\b", expr) and not re.search(r"\b(rate|irate|increase)\(", expr):
+        return "a counter without rate() / increase(): a line that only climbs", math.nan
     if not series:
         return "no series", math.nan
     labels = re.findall(r"\{\{\s*(\w+)\s*\}\}", legend)

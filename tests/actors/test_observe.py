@@ -31,6 +31,8 @@ def test_variables_become_grafana_all_regexes():
 
 def test_judge_names_what_a_panel_would_show_wrong():
     assert judge(RATE, "{{role}}", [])[0] == "no series"
+    raw = 'sum by (role) (ray_rlstitch_rollouts_total{run=~"$run"})'
+    assert "without rate()" in judge(raw, "{{role}}", [series("rollout", "1", "2")])[0]
     assert "legend" in judge(RATE, "{{role}}", [series(None, "1")])[0]  # summed away the label the legend shows
     assert judge(RATE, "{{role}}", [series("rollout", "NaN", "NaN")])[0] == "only NaN / Inf values"
     assert "never above 0" in judge(RATE, "{{role}}", [series("rollout", "0", "0")])[0]  # counter not increasing
