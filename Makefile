@@ -14,6 +14,8 @@ setup:
 	# torch first, pinned: these builds lie on this machine's disk and keep torchvision importable.
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1 -e ".[dev]"
+	# Debian's prometheus + chromium for the observability test (installed as root when missing, else skipped)
+	cluster/observe-tools.sh
 
 test:
 	$(PY) -m pytest -q tests

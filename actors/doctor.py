@@ -1,10 +1,13 @@
 """Check a Ray cluster for what a recipe needs, before a long job fails halfway.
 
     python -m actors.doctor recipes/configs/nft_flux/tiny.yaml [--address auto] [--path /mnt/weights/...]
+    python -m actors.doctor --observe http://127.0.0.1:9090 [--since 3600]
 
 Reports: nodes and their resources; every role of the recipe's `placement` section (workers x CPUs / GPUs /
 custom resources) against what the cluster offers; weights paths seen from every node; versions of
 torch / ray / deepspeed / diffusers on every node. Exits 1 when anything is missing.
+With --observe, instead: every panel of cluster/grafana/*.json queried through that Prometheus over the last
+--since seconds (actors/observe.py); exits 1 when a panel shows nothing.
 """
 
 from __future__ import annotations
@@ -114,12 +117,33 @@ def diagnose(config: dict) -> tuple[list[str], list[str]]:
     return lines, problems
 
 
+def observe_main(prom: str, since: float) -> int:
+    """--observe: the panel table; exit status 1 when a panel returns nothing plausible."""
+    import time
+
+    from actors.observe import observe, report
+
+    end = time.time()
+    rows = observe(prom, end - since, end, step=max(since / 500, 2.0))
+    print(report(rows))
+    bad = [r for r in rows if r["problem"]]
+    print(f"MISSING: {len(bad)} of {len(rows)} panels show nothing plausible" if bad else
+          f"OK: all {len(rows)} panels return data")
+    return 1 if bad else 0
+
+
 def main(argv=None) -> int:
     """CLI: prints the report and the problems; exit status 1 when there are problems."""
     p = argparse.ArgumentParser(description="Check a Ray cluster against a recipe config")
-    p.add_argument("config", help="a recipe YAML (its `placement` section is checked)")
+    p.add_argument("config", nargs="?", help="a recipe YAML (its `placement` section is checked)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local instance)")
+    p.add_argument("--observe", metavar="PROMETHEUS_URL", help="check every Grafana panel's query on this Prometheus")
+    p.add_argument("--since", type=float, default=3600.0, help="with --observe: seconds of history to query")
     a = p.parse_args(argv)
+    if a.observe:
+        return observe_main(a.observe, a.since)
+    if not a.config:
+        p.error("give a recipe config, or --observe PROMETHEUS_URL")
     config = yaml.safe_load(Path(a.config).read_text()) or {}
     if a.address:
         ray.init(address=a.address, log_to_driver=False)

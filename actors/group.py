@@ -59,6 +59,17 @@ def actor_options(spec: RoleSpec, role: str = "value") -> dict:
             "resources": {k: v for k, v in one.items() if k not in ("CPU", "GPU")}}
 
 
+def with_role_repr(actor_cls, role: str):
+    """actor_cls whose instances repr as "<role>-<rank>": the Ray dashboard's Repr column and log prefix name the role."""
+
+    def __init__(self, *args, rank: int = 0, **kwargs):
+        self._role_rank = f"{role}-{rank}"
+        actor_cls.__init__(self, *args, rank=rank, **kwargs)
+
+    return type(actor_cls.__name__, (actor_cls,), {"__init__": __init__, "__repr__": lambda self: self._role_rank,
+                                                   "__qualname__": actor_cls.__qualname__, "__doc__": actor_cls.__doc__})
+
+
 class ActorGroup:
     """N actors of one class in one placement group."""
 
@@ -79,7 +90,7 @@ class ActorGroup:
                 f"the cluster has {ray.cluster_resources()} (available {ray.available_resources()}). "
                 f"Lower {role}.num_workers / num_gpus or add nodes (see `ray status`)."
             ) from None
-        remote = ray.remote(actor_cls)
+        remote = ray.remote(with_role_repr(actor_cls, role))
         self.workers = [
             remote.options(
                 num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,

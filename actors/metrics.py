@@ -63,6 +63,15 @@ def record(name: str, value: float, tags: dict[str, str]) -> None:
         obj.observe(value, tags=tags)
 
 
+def zero_counters(names, tags: dict[str, str]) -> None:
+    """Export counters at 0 before a phase increments them: rate() counts increases between scrapes, so a series
+    that first appears already at its final value (a phase shorter than a scrape interval) shows nothing."""
+    for name in names:
+        if METRICS[name][0] != "counter":
+            raise ValueError(f"{name} is a {METRICS[name][0]}, not a counter")
+        metric(name)._record(0.0, tags=tags)  # Counter.inc refuses 0; this is the point inc would record, at 0
+
+
 def promql(name: str) -> str:
     """The panel query of a documented metric (Ray exports it with the "ray_" prefix)."""
     kind = METRICS[name][0]
@@ -88,7 +97,8 @@ def grafana_dashboard() -> dict:
         })
     variables = [{"name": "datasource", "type": "datasource", "query": "prometheus"}] + [
         {"name": v, "type": "query", "datasource": {"type": "prometheus", "uid": "${datasource}"},
-         "query": f"label_values(ray_rlstitch_rollouts_total, {v})", "includeAll": True, "multi": True,
+         # every rlstitch series, not one recipe's metric: a stitch build exports no rollouts, and its runs must show
+         "query": f'label_values({{__name__=~"ray_rlstitch_.+"}}, {v})', "includeAll": True, "multi": True,
          "current": {"text": "All", "value": "$__all"}}
         for v in ("run", "recipe")
     ]

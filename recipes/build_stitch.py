@@ -42,7 +42,7 @@ import bootstrap
 import ray
 
 from actors.group import ActorGroup, get_within
-from actors.metrics import record
+from actors.metrics import record, zero_counters
 from actors.runtime import init_ray
 from actors.stats import StatsWorker, collect_distributed
 from actors.stitch_finetune import FinetuneJob, run_finetune
@@ -236,6 +236,7 @@ def fit_stage(cfg: BuildStitchConfig, out: Path, probe_dir: str, env: dict, tags
     """Distributed statistics -> every fit -> (i*, j*) -> closed-form artifact; returns manifest fields."""
     shards = plan_shards(cfg.probe_images, cfg.batch, cfg.stats.workers * cfg.stats.shards_per_worker,
                          probe_seed(cfg))
+    zero_counters(("rlstitch_stats_shards_total", "rlstitch_stats_tokens_total"), tags)  # seen at 0 while workers load
     group = ActorGroup(StatsWorker, cfg.stats.role(), model_fields(cfg), probe_dir, cfg.j_max, env,
                        cfg.stats.threads, cfg.stats.fail_once, role="stats")
     try:

@@ -85,6 +85,16 @@ def image_grid(images: Tensor, nrow: int = 8):
     return (g.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
 
 
+def save_png(img, path: Path) -> None:
+    """An HxWx3 uint8 array as a PNG file, written atomically."""
+    from PIL import Image
+
+    from rlstitch.io import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Image.fromarray(img).save(tmp, format="PNG"), ".png")
+
+
 class RunLogger:
     """Console + tqdm progress bar + wandb (offline unless WANDB_MODE says otherwise) + a metrics.jsonl file."""
 
@@ -125,10 +135,13 @@ class RunLogger:
             print(msg, flush=True)
 
     def log(self, metrics: dict, step: int, images: dict | None = None) -> None:
-        """Scalars to wandb and metrics.jsonl (with step and wall time); optional images to wandb."""
+        """Scalars to wandb and metrics.jsonl (with step and wall time); optional images {key: (HxWx3 uint8, caption)}
+        to wandb and as <out>/samples/<key>-step<step>.png, so a run's pictures need no wandb to be seen."""
         row = {"step": step, "wall_s": round(self.elapsed(), 3), **{k: _num(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        for key, (img, _) in (images or {}).items():
+            save_png(img, self.out / "samples" / f"{key.replace('/', '-')}-step{step}.png")
         if self.wandb is not None:
             payload = dict(row)
             if images:

@@ -32,11 +32,15 @@ def test_group_waits_have_a_default_timeout():
 
 @pytest.mark.slow
 def test_group_waits_time_out_clearly_and_shutdown_twice_frees_the_group(ray_local):
+    import ray
     from ray.util import placement_group_table
 
     group = ActorGroup(napper(), RoleSpec(num_workers=1, num_cpus=0.5), role="stats")
     try:
         assert group.call("nap", 0, timeout=600) == [0]
+        # the dashboard's Actors page shows this repr (tests/recipes/test_observability.py sees it there)
+        assert ray.get(group.workers[0].__ray_call__.remote(lambda self: (type(self).__name__, repr(self)))) == \
+            ("Napper", "stats-0")
         with pytest.raises(TimeoutError, match=r"stats workers did not finish 'nap' within 0\.5 s"):
             group.call("nap", 60, timeout=0.5)
         with pytest.raises(TimeoutError, match=r"stats workers did not finish 'nap' within 0\.5 s"):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from actors.metrics import METRICS, grafana_dashboard
 
 BOARD = Path(__file__).resolve().parents[2] / "cluster" / "grafana" / "rlstitch.json"
@@ -39,3 +41,10 @@ def test_scrape_sums_series_and_reads_histograms_by_count():
 def test_every_metric_is_documented_in_the_cluster_readme():
     text = (BOARD.parents[1] / "README.md").read_text()
     assert [n for n in METRICS if f"`ray_{n}`" not in text] == []
+
+
+def test_only_counters_are_zeroed():
+    from actors.metrics import zero_counters
+
+    with pytest.raises(ValueError, match="rlstitch_reward_mean is a gauge, not a counter"):
+        zero_counters(["rlstitch_reward_mean"], {"role": "driver", "recipe": "nft_flux", "run": "r"})

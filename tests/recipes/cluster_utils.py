@@ -1,12 +1,22 @@
-"""Helpers of the tests that start a local Ray cluster on 127.0.0.1: free ports and the metrics scrape."""
+"""Helpers of the tests that start a local Ray cluster on 127.0.0.1: the head, free ports and the metrics scrape.
+
+The cluster is started with `ray start --block` as a child process and stopped by terminating that process
+(never `ray stop`, which would stop every Ray instance on the machine).
+"""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -62,3 +72,77 @@ def submit_job(cmd: list[str], metrics_port: int, timeout: float, linger: float 
             break
         time.sleep(5)
     return res, seen
+
+
+def wait_for_dashboard(port: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Poll the job API until it answers (or the head process died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(2)
+    raise TimeoutError(f"the dashboard on 127.0.0.1:{port} did not come up within {timeout} s")
+
+
+@dataclass
+class Head:
+    """A `ray start --head --block` child process on 127.0.0.1 and its ports / temp dir."""
+
+    proc: subprocess.Popen
+    dashboard: int
+    metrics: int
+    temp: str
+    env: dict
+
+    def stop(self) -> None:
+        """Terminate the head (`ray start --block` stops the processes it started)."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def start_head(tiny_dir: str | Path) -> Head:
+    """A one-node cluster on 127.0.0.1 with every port explicit, its dashboard answering.
+
+    Every port explicit: a session-wide test cluster (ray_local) already holds Ray's defaults, and a job agent
+    that cannot bind its port leaves `ray job submit` answering "No available agent" forever."""
+    gcs, dash, metrics_port, agent, client = (free_port() for _ in range(5))
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
+    env = os.environ | {"PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
+                        "RAY_metrics_report_interval_ms": "2000",  # short-lived processes export before they exit
+                        "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
+                        "RLSTITCH_TINY_DIR": str(tiny_dir), "RAY_USAGE_STATS_ENABLED": "0",
+                        # the dashboard's and autoscaler's own exporters: off Ray's fixed defaults, which another
+                        # cluster on the machine may hold
+                        "DASHBOARD_METRIC_PORT": str(free_port()), "AUTOSCALER_METRIC_PORT": str(free_port())}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+         "--num-cpus=2", f"--port={gcs}", f"--dashboard-port={dash}",
+         f"--metrics-export-port={metrics_port}", f"--dashboard-agent-listen-port={agent}",
+         f"--ray-client-server-port={client}", "--include-dashboard=true", f"--temp-dir={temp}",
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    head = Head(proc, dash, metrics_port, temp, env)
+    try:
+        wait_for_dashboard(dash, proc)
+    except BaseException:
+        head.stop()
+        raise
+    return head
+
+
+def tiny_job(dashboard: int, root: Path, out: Path, stitch: str, *overrides: str) -> list[str]:
+    """`ray job submit ... -- python recipes/nft_flux.py` on the tiny world, a few seconds per iteration."""
+    return [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(root),
+            "--", "python", "recipes/nft_flux.py", f"out={out}", f"reward.stitches=[{stitch}]",
+            "rollout.prompts_per_iteration=2", "rollout.group_size=4", "train.micro_batch=8", "sampler.steps=6",
+            "rollout.stop_window=[2,4]", "eval.num_prompts=4", "eval.grid=4", "lora.rank=4", *overrides]
