@@ -219,7 +219,10 @@ def evaluate(world: World, state: DriverState, prompts: list[str], seeds: list[i
     _, parts = world.eval_scorer.value(out["z"], 0.0, prompts)
     first = cfg.eval.rewards[0]
     row = {"iteration": state.iteration, "step": state.version, "wall_s": round(state.train_s, 2),
-           "clean_reward": float(parts[first].mean()), **{f"clean_{k}": float(v.mean()) for k, v in parts.items()}}
+           "clean_reward": float(parts[first].mean()),
+           # the standard error of the mean over the held-out prompts (one sample each)
+           "clean_reward_se": float(parts[first].float().std() / len(parts[first]) ** 0.5) if len(parts[first]) > 1 else 0.0,
+           **{f"clean_{k}": float(v.mean()) for k, v in parts.items()}}
     state.history.append(row)
     images = None
     if out["images"] is not None and len(out["images"]):
