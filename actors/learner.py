@@ -180,9 +180,10 @@ class LearnerGroup:
         return self._collect(op)
 
     def update(self, batch: dict) -> dict:
-        """One iteration's optimizer steps on every rank; rank-averaged statistics."""
+        """One iteration's optimizer steps on every rank; rank-averaged statistics ("..._max" ones: the maximum)."""
         results = self._call("update", batch=ray.put(batch))
-        stats = {k: sum(float(r[k]) for r in results) / len(results) for k in results[0]}
+        stats = {k: max(float(r[k]) for r in results) if k.endswith("_max") else
+                 sum(float(r[k]) for r in results) / len(results) for k in results[0]}
         stats["step"] = int(results[0]["step"])
         record("rlstitch_learner_step_s", stats["learner_step_s"], self.tags | {"role": "learner"})
         return stats

@@ -62,9 +62,15 @@ class RolloutWorker:
         return {"rank": self.rank, "slot": slot, "version": self.versions[slot]}
 
     # -- sampling --------------------------------------------------------------------------------
-    def _velocity(self, prompts: Sequence[str], slot: str):
-        """velocity(z, t, rows) for a batch of prompts under a slot's weights."""
-        cond = self.policy.backbone.encode_prompts(list(prompts)).to(self.device)
+    def _velocity(self, prompts: Sequence[str], slot: str, one_by_one: bool = False):
+        """velocity(z, t, rows) for a batch of prompts under a slot's weights; one_by_one encodes each prompt
+        alone, as the learner does (text-encoder kernels can depend on the batch size)."""
+        if one_by_one:
+            from rlstitch.models.condition import Condition
+
+            cond = Condition.cat([self.policy.backbone.encode_prompts([p]) for p in prompts]).to(self.device)
+        else:
+            cond = self.policy.backbone.encode_prompts(list(prompts)).to(self.device)
 
         def velocity(z: Tensor, t: float, rows: Tensor) -> Tensor:
             c = type(cond)(cond.tokens[rows.to(self.device)], cond.pooled[rows.to(self.device)])
@@ -72,11 +78,12 @@ class RolloutWorker:
 
         return velocity
 
-    def _noise(self, seeds: Sequence[int]) -> tuple[Tensor, list | None]:
-        """z_1 and the SDE generators, both from per-sample seeds (batch-split invariant)."""
+    def _noise(self, seeds: Sequence[int], sde: bool = False) -> tuple[Tensor, list | None]:
+        """z_1 and the SDE generators (with the sampler's SDE or sde=True), both from per-sample seeds
+        (batch-split invariant)."""
         hw = (self.cfg.model.latent_size, self.cfg.model.latent_size)
         z = initial_noise(self.policy.backbone, len(seeds), hw, seeds).to(self.device)
-        gens = [torch.Generator().manual_seed(int(s) + 7919) for s in seeds] if self.sampler.sde else None
+        gens = [torch.Generator().manual_seed(int(s) + 7919) for s in seeds] if self.sampler.sde or sde else None
         return z, gens
 
     @torch.no_grad()
@@ -96,6 +103,24 @@ class RolloutWorker:
         self._record(len(prompts), done, self.sampler.steps * len(prompts) - sum(stops))
         return {"z": z.float().cpu(), "tau": stop_times(self.sampler, stops), "stops": torch.tensor(stops),
                 "version": self.versions["default"], "rank": self.rank, "denoise_steps": done}
+
+    @torch.no_grad()
+    def sample_grpo(self, job: Mapping) -> dict:
+        """Flow-GRPO rollouts of {"prompts", "seeds", "stops", "window"}: SDE steps inside the window recorded
+        (latents before/after, step index, log-probability), ODE elsewhere, each sample stopped at its stop."""
+        from rlstitch.train.grpo_rollout import sample_recorded
+
+        if self.versions["default"] < 0:
+            raise RuntimeError(f"rollout worker {self.rank} has no weights yet: sync before sampling")
+        prompts, seeds, stops = list(job["prompts"]), list(job["seeds"]), list(job["stops"])
+        z, gens = self._noise(seeds, sde=True)
+        g = self.cfg.grpo
+        rec = sample_recorded(self._velocity(prompts, "default", one_by_one=True), z, self.sampler.timesteps(), stops,
+                              tuple(job["window"]), self.cfg.train.micro_batch, gens, g.variant, g.noise_level)
+        self._record(len(prompts), sum(stops), self.sampler.steps * len(prompts) - sum(stops))
+        return {k: v.float().cpu() if v.is_floating_point() else v for k, v in rec.items()} | {
+            "tau": stop_times(self.sampler, stops), "stops": torch.tensor(stops), "version": self.versions["default"],
+            "rank": self.rank, "denoise_steps": sum(stops)}
 
     @torch.no_grad()
     def generate(self, job: Mapping) -> dict:
@@ -154,18 +179,32 @@ class RolloutGroup:
         size = len(items) // n
         return [list(items[k * size : (k + 1) * size]) for k in range(n)]
 
-    def sample(self, prompts: Sequence[str], seeds: Sequence[int], stops: Sequence[int], version: int,
-               draft_k: int = 0) -> dict:
-        """Rollouts of the whole batch across the workers; fails if any worker sampled with other weights."""
-        jobs = [{"prompts": p, "seeds": s, "stops": t, "draft_k": draft_k}
+    def _sample_parts(self, method: str, prompts: Sequence[str], seeds: Sequence[int], stops: Sequence[int],
+                      version: int, **extra) -> list[dict]:
+        """Job k (whole prompt groups) on worker k; fails if any worker sampled with other weights."""
+        jobs = [{"prompts": p, "seeds": s, "stops": t, **extra}
                 for p, s, t in zip(self._split(prompts), self._split(seeds), self._split(stops))]
-        parts = self.group.map("sample", jobs, timeout=self.cfg.train.timeout_s)  # job k on worker k
+        parts = self.group.map(method, jobs, timeout=self.cfg.train.timeout_s)
         stale = [p["version"] for p in parts if p["version"] != version]
         if stale:
             raise RuntimeError(f"rollouts sampled with weight versions {stale}, expected {version}")
+        return parts
+
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], stops: Sequence[int], version: int,
+               draft_k: int = 0) -> dict:
+        """Rollouts of the whole batch across the workers; fails if any worker sampled with other weights."""
+        parts = self._sample_parts("sample", prompts, seeds, stops, version, draft_k=draft_k)
         return {"z": torch.cat([p["z"] for p in parts]), "tau": torch.cat([p["tau"] for p in parts]),
                 "stops": torch.cat([p["stops"] for p in parts]), "version": version,
                 "denoise_steps": sum(p["denoise_steps"] for p in parts)}
+
+    def sample_grpo(self, prompts: Sequence[str], seeds: Sequence[int], stops: Sequence[int], window: tuple[int, int],
+                    version: int) -> dict:
+        """Flow-GRPO rollouts (recorded SDE steps in `window`) across the workers; fails on stale weights."""
+        parts = self._sample_parts("sample_grpo", prompts, seeds, stops, version, window=list(window))
+        keys = ("z", "tau", "stops", "z_prev", "z_next", "logp", "steps")
+        return {k: torch.cat([p[k] for p in parts]) for k in keys} | {
+            "version": version, "denoise_steps": sum(p["denoise_steps"] for p in parts)}
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], grid: int = 0) -> dict:
         """Fully denoised evaluation samples (eval weights) across the workers, images of the first `grid`."""

@@ -208,9 +208,14 @@ def evaluate(world: World, state: DriverState, prompts: list[str], seeds: list[i
     out = world.rollouts.generate(prompts, seeds, grid=cfg.eval.grid)
     _, parts = world.eval_scorer.value(out["z"], 0.0, prompts)
     first = cfg.eval.rewards[0]
+    r = parts[first].float().flatten()
     row = {"iteration": state.iteration, "step": state.version, "wall_s": round(state.train_s, 2),
-           "clean_reward": float(parts[first].mean()), **{f"clean_{k}": float(v.mean()) for k, v in parts.items()}}
-    state.history.append(row)
+           "clean_reward": float(r.mean()),
+           # the standard error of the mean over the held-out prompts (one sample each), and the per-prompt
+           # scores (same prompts and noise at every evaluation: paired comparisons between evaluations)
+           "clean_reward_se": float(r.std() / len(r) ** 0.5) if len(r) > 1 else 0.0,
+           **{f"clean_{k}": float(v.mean()) for k, v in parts.items()}}
+    state.history.append(row | {"clean_per_prompt": [round(float(x), 6) for x in r]})
     images = None
     if out["images"] is not None and len(out["images"]):
         images = {"eval/samples": (image_grid(out["images"]), " | ".join(out["prompts"][:8]))}

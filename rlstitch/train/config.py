@@ -1,4 +1,4 @@
-"""The typed config of the training recipes (DiffusionNFT, DRaFT), validated at start-up.
+"""The typed config of the training recipes (DiffusionNFT, DRaFT, Flow-GRPO), validated at start-up.
 
 Every error names the knob to change. Load with `rlstitch.config.load_config(RecipeConfig, overrides, yaml)`.
 """
@@ -106,6 +106,21 @@ class DraftConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """Flow-GRPO (rlstitch/train/grpo.py): SDE steps with log-probabilities inside a window, PPO-clipped ratios."""
+
+    variant: str = "sde"  # sde: sigma_t = noise_level * sqrt(t / (1 - t)) | cps: coefficients-preserving
+    noise_level: float = 0.7  # the SDE's a (cps: sigma_t = t_next * sin(a * pi / 2), a in (0, 1])
+    clip_range: float = 1e-4  # PPO ratio clip: [1 - c, 1 + c]
+    adv_clip_max: float = 5.0  # advantages clipped to +-adv_clip_max
+    beta: float = 0.04  # weight of the closed-form KL to the reference policy (adapters off); 0: no KL
+    global_std: bool = True  # advantages divide by the batch's std (False: by each prompt group's std)
+    sde_window: list[int] = field(default_factory=lambda: [0, 4])  # SDE (recorded) at steps lo <= k < hi, ODE elsewhere
+    window_size: int = 0  # 0: the whole sde_window each iteration; k: a random k-step sub-window per iteration
+    timesteps_per_sample: int = 2  # recorded steps trained per sample and update (a random subset)
+
+
+@dataclass
 class DataConfig:
     """Training prompts: "tiny:train" or a text file with one prompt per line."""
 
@@ -160,7 +175,7 @@ class RecipeConfig:
     """One training run."""
 
     recipe: str = "nft_flux"
-    algorithm: str = "nft"  # nft | draft
+    algorithm: str = "nft"  # nft | draft | grpo
     mode: str = "stitch"  # stitch: score z_tau with StitchVM; baseline: run to t=0 and score the decoded image
     out: str = "runs/nft_flux"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -171,6 +186,7 @@ class RecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     nft: NFTConfig = field(default_factory=NFTConfig)
     draft: DraftConfig = field(default_factory=DraftConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -219,7 +235,7 @@ def pick_dtype(name: str, cuda: bool):
 
 def _problems(c: RecipeConfig):
     """Yield one message per invalid knob."""
-    yield from _choice("algorithm", c.algorithm, ("nft", "draft"))
+    yield from _choice("algorithm", c.algorithm, ("nft", "draft", "grpo"))
     yield from _choice("mode", c.mode, ("stitch", "baseline"))
     yield from _choice("rollout.tau_per", c.rollout.tau_per, ("group", "sample"))
     yield from _choice("model.dtype", c.model.dtype, ("auto", "float32", "bfloat16"))
@@ -263,7 +279,8 @@ def _problems(c: RecipeConfig):
     elif per_update % max(n_learn, 1):
         yield (f"the {per_update} samples of one update are not divisible by placement.learner.num_workers="
                f"{n_learn}: change rollout.prompts_per_iteration, rollout.group_size or the learner count")
-    elif (per_update // max(n_learn, 1)) % min(max(c.train.micro_batch, 1), per_update // max(n_learn, 1)):
+    # GRPO pads its last micro-batch of (sample, step) pairs instead (rlstitch/train/grpo_learner.py).
+    elif c.algorithm != "grpo" and (per_update // max(n_learn, 1)) % min(max(c.train.micro_batch, 1), per_update // max(n_learn, 1)):
         yield (f"the {per_update // max(n_learn, 1)} samples per learner rank and update are not divisible by "
                f"train.micro_batch={c.train.micro_batch}")
     if c.algorithm == "nft":
@@ -302,6 +319,8 @@ def _problems(c: RecipeConfig):
             yield "DRaFT backpropagates through the ODE sampler: set sampler.sde=false"
         if c.sampler.cfg_scale != 1.0:
             yield f"DRaFT differentiates the conditional velocity only: set sampler.cfg_scale=1.0 (got {c.sampler.cfg_scale})"
+    if c.algorithm == "grpo":
+        yield from _grpo_problems(c)
     if len(c.reward.weights) != len(c.reward.names):
         yield f"reward.weights has {len(c.reward.weights)} entries for {len(c.reward.names)} reward.names"
     if c.reward.paths and len(c.reward.paths) != len(c.reward.names):
@@ -326,6 +345,35 @@ def flow_sampler(c: RecipeConfig):
     s, hw = c.sampler, (c.model.latent_size, c.model.latent_size)
     grid = sampling_grid(s.schedule, c.model.backbone, c.model.path, s.steps, s.shift, hw)
     return FlowSampler(s.steps, s.shift, s.sde, s.noise_level, grid=grid)
+
+
+def _grpo_problems(c: RecipeConfig):
+    """Yield one message per invalid Flow-GRPO knob (every recorded step must lie before every stop)."""
+    g, steps = c.grpo, c.sampler.steps
+    yield from _choice("grpo.variant", g.variant, ("sde", "cps"))
+    if c.rollout.group_size < 2:
+        yield "rollout.group_size must be >= 2 for Flow-GRPO (advantages compare a prompt's samples)"
+    if c.sampler.cfg_scale != 1.0:
+        yield f"Flow-GRPO here samples and trains without CFG: set sampler.cfg_scale=1.0 (got {c.sampler.cfg_scale})"
+    if c.sampler.sde:
+        yield "Flow-GRPO brings its own SDE inside grpo.sde_window: set sampler.sde=false (ODE outside the window)"
+    if not g.noise_level > 0 or (g.variant == "cps" and g.noise_level > 1):
+        yield f"grpo.noise_level must be > 0 (cps: in (0, 1]), got {g.noise_level}"
+    if not g.clip_range > 0 or not g.adv_clip_max > 0 or g.beta < 0:
+        yield (f"grpo.clip_range ({g.clip_range}) and grpo.adv_clip_max ({g.adv_clip_max}) must be > 0, "
+               f"grpo.beta ({g.beta}) >= 0")
+    w = list(g.sde_window)
+    last = c.rollout.stop_window[0] if c.mode == "stitch" and len(c.rollout.stop_window) == 2 else steps
+    last = min(last, steps - 1) if g.variant == "cps" else last  # cps has zero noise on the step to t=0
+    if len(w) != 2 or not 0 <= w[0] < w[1] <= last:
+        yield (f"grpo.sde_window={w} must be [lo, hi] with 0 <= lo < hi <= {last} (SDE steps end before the "
+               "earliest stop rollout.stop_window[0] in mode=stitch, before t=0's step with cps)")
+        return
+    span = g.window_size or w[1] - w[0]
+    if not 0 <= g.window_size <= w[1] - w[0]:
+        yield f"grpo.window_size={g.window_size} must be in 0..{w[1] - w[0]} (the sde_window's length)"
+    elif not 1 <= g.timesteps_per_sample <= span:
+        yield f"grpo.timesteps_per_sample={g.timesteps_per_sample} must be in 1..{span} (SDE steps per rollout)"
 
 
 def _choice(name: str, value, allowed) -> list[str]:

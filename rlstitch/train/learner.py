@@ -1,5 +1,5 @@
 """One data-parallel learner rank, Ray-free: the policy, its optimizer engine (DeepSpeed ZeRO or plain torch
-AdamW, same step semantics), the EMA and old-policy weights, and the DiffusionNFT / DRaFT updates.
+AdamW, same step semantics), the EMA and old-policy weights, and the DiffusionNFT / DRaFT / Flow-GRPO updates.
 
 actors/learner.py runs one of these per Ray Train worker. Every rank receives the whole iteration batch and
 takes its own slice, so the split (and the result) depends only on the seed, the step and the rank.
@@ -17,6 +17,7 @@ from rlstitch import checkpoint as ckpt
 from rlstitch.train import lora as L
 from rlstitch.train.config import RecipeConfig, flow_sampler
 from rlstitch.train.draft import draft_surrogate, truncated_rollout
+from rlstitch.train.grpo_learner import grpo_accumulation, grpo_step
 from rlstitch.train.nft import bridge_point, nft_loss, old_policy_decay, sample_train_times
 from rlstitch.train.policy import REF, Policy
 
@@ -37,6 +38,8 @@ def micro_batches(cfg: RecipeConfig, world_size: int) -> tuple[int, int]:
 def accumulation_steps(cfg: RecipeConfig, world_size: int) -> int:
     """Backward passes per optimizer step on one rank (micro-batches x NFT training times)."""
     per_rank, micro = micro_batches(cfg, world_size)
+    if cfg.algorithm == "grpo":
+        return grpo_accumulation(per_rank, cfg.grpo.timesteps_per_sample, cfg.train.micro_batch)
     return (per_rank // micro) * (cfg.nft.timesteps_per_sample if cfg.algorithm == "nft" else 1)
 
 
@@ -182,13 +185,17 @@ class Learner:
         """One iteration: `updates_per_iteration` optimizer steps on this rank's slices, then the old policy."""
         n = len(batch["prompts"])
         stats: dict[str, float] = {}
-        for rows in self._rows(n, seed_of(self.cfg.train.seed, "shuffle", self.steps_done)):
+        for u, rows in enumerate(self._rows(n, seed_of(self.cfg.train.seed, "shuffle", self.steps_done))):
             gen = torch.Generator().manual_seed(seed_of(self.cfg.train.seed, "noise", self.steps_done, self.rank))
-            parts = self._nft_step(batch, rows, gen) if self.cfg.algorithm == "nft" else self._draft_step(batch, rows)
+            if self.cfg.algorithm == "grpo":
+                parts = grpo_step(self, batch, rows, gen, first=u == 0)
+            else:
+                parts = self._nft_step(batch, rows, gen) if self.cfg.algorithm == "nft" else self._draft_step(batch, rows)
             self.steps_done += 1
             self._update_ema()
-            for k, v in parts.items():
-                stats[k] = stats.get(k, 0.0) + v / self.cfg.train.updates_per_iteration
+            for k, v in parts.items():  # "..._max" statistics are maxima, the others means over the updates
+                stats[k] = max(stats.get(k, v), v) if k.endswith("_max") else (
+                    stats.get(k, 0.0) + v / self.cfg.train.updates_per_iteration)
         stats["grad_norm"] = self.engine.grad_norm
         if self.cfg.algorithm == "nft":
             stats["old_decay"] = self._update_old()
@@ -275,7 +282,7 @@ class Learner:
         return rho
 
     def weights(self, which: str) -> dict[str, Tensor]:
-        """Published weights: "sample" (what rollouts use: NFT's old policy, DRaFT's current), "current", "ema"."""
+        """Published weights: "sample" (what rollouts use: NFT's old policy, DRaFT's and GRPO's current), "current", "ema"."""
         if which == "ema":  # over the current state: full finetuning also publishes the buffers the EMA lacks
             return self.policy.state() | {k: v.detach().cpu().clone() for k, v in self.ema.items()}
         slot = "old" if which == "sample" and self.cfg.algorithm == "nft" else L.DEFAULT

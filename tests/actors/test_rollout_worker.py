@@ -59,3 +59,19 @@ def test_generate_uses_the_eval_slot(worker, random_world):
     worker.set_weights({"version": 3, "slot": "evaluation", "adapter": adapter})
     out = worker.generate({"prompts": ["a red circle", "a blue square"], "seeds": [0, 1], "grid": 1})
     assert out["z"].shape == (2, 4, 8, 8) and out["images"].shape == (1, 3, 32, 32) and out["version"] == 3
+
+
+def test_grpo_rollouts_record_the_window_and_stop_at_their_stops(worker, random_world):
+    adapter, base = learner_weights(random_world)
+    worker.set_weights({"version": 3, "adapter": adapter, "base": base})
+    job = {"prompts": ["a red circle"] * 2 + ["a blue square"] * 2, "seeds": [5, 6, 7, 8], "stops": [2, 2, 4, 4],
+           "window": [0, 2]}
+    out = worker.sample_grpo(job)
+    assert out["z_prev"].shape == (4, 2, 4, 8, 8) and out["logp"].shape == (4, 2) and out["version"] == 3
+    assert out["steps"].tolist() == [[0, 1]] * 4 and out["denoise_steps"] == 12
+    assert torch.equal(out["z"][:2], out["z_next"][:2, 1])  # stopped right after the window's last step
+    assert not torch.equal(out["z"][2:], out["z_next"][2:, 1])  # two more (ODE) steps to stop 4
+    assert out["tau"].tolist() == pytest.approx([4 / 6, 4 / 6, 2 / 6, 2 / 6])
+    again = worker.sample_grpo(job | {"prompts": job["prompts"][2:] + job["prompts"][:2],
+                                      "seeds": [7, 8, 5, 6], "stops": [4, 4, 2, 2]})
+    torch.testing.assert_close(again["logp"], out["logp"][[2, 3, 0, 1]], rtol=0, atol=1e-5)  # seeded per sample

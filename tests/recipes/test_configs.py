@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = ("nft_flux", "nft_sd35", "draft_sd35")  # the training recipes (other recipes have other schemas)
+RECIPES = ("nft_flux", "nft_sd35", "draft_sd35", "grpo_sd35")  # the training recipes (other recipes have other schemas)
 CONFIGS = sorted(p for r in RECIPES for p in (ROOT / "recipes" / "configs" / r).glob("*.yaml"))
 
 
