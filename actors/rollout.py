@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from actors.group import ActorGroup
-from actors.metrics import record
+from actors.metrics import record, zero_counters
 from rlstitch.placement import RoleSpec
 from rlstitch.sampling.generate import initial_noise
 from rlstitch.train.config import RecipeConfig, flow_sampler, from_dict, pick_dtype
@@ -25,6 +25,8 @@ from rlstitch.train.policy import Policy, sample_to_stops, stop_times
 
 EVAL = "evaluation"  # the adapter slot evaluations sample with (current or EMA weights); "eval" is taken by nn.Module
 
+
+ROLLOUT_COUNTERS = ("rlstitch_rollouts_total", "rlstitch_denoise_steps_total", "rlstitch_denoise_steps_saved_total")
 
 class RolloutWorker:
     """One rollout process: policy weights in slots "default" (sampling) and "eval", plus the codec for grids."""
@@ -48,6 +50,8 @@ class RolloutWorker:
         self.sampler = flow_sampler(self.cfg)
         self.versions = {"default": -1, EVAL: -1}
         self.tags = {"role": "rollout", "recipe": self.cfg.recipe, "run": "", **dict(tags or {})}
+        if ray.is_initialized():  # at 0 before the first rollout: a short run's counters still show a rate
+            zero_counters(ROLLOUT_COUNTERS, self.tags)
 
     # -- weights ---------------------------------------------------------------------------------
     def set_weights(self, payload: Mapping) -> dict:
@@ -138,8 +142,7 @@ class RolloutWorker:
         """Dashboard counters (only inside Ray)."""
         if not ray.is_initialized():
             return
-        for name, value in (("rlstitch_rollouts_total", rollouts), ("rlstitch_denoise_steps_total", steps),
-                            ("rlstitch_denoise_steps_saved_total", saved)):
+        for name, value in zip(ROLLOUT_COUNTERS, (rollouts, steps, saved)):
             if value > 0:  # Ray counters only take positive increments
                 record(name, value, self.tags)
 

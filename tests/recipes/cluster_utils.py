@@ -117,7 +117,7 @@ def start_head(tiny_dir: str | Path) -> Head:
     gcs, dash, metrics_port, agent, client = (free_port() for _ in range(5))
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
     env = os.environ | {"PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
-                        "RAY_metrics_report_interval_ms": "2000",  # short-lived processes export before they exit
+                        "RAY_metrics_report_interval_ms": "1000",  # short-lived processes export before they exit
                         "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
                         "RLSTITCH_TINY_DIR": str(tiny_dir), "RAY_USAGE_STATS_ENABLED": "0",
                         # the dashboard's and autoscaler's own exporters: off Ray's fixed defaults, which another

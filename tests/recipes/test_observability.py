@@ -32,10 +32,10 @@ ROLES = ("rollout-0", "value-0", "RayTrainWorker")
 
 
 def scrape_config(temp: str, into: Path) -> Path:
-    """Ray's generated prometheus.yml (file-based discovery of this cluster's targets), scraped every 2 s."""
+    """Ray's generated prometheus.yml (file-based discovery of this cluster's targets), scraped every 1 s."""
     generated = Path(temp) / "session_latest" / "metrics" / "prometheus" / "prometheus.yml"
     cfg = yaml.safe_load(generated.read_text())
-    cfg["global"] |= {"scrape_interval": "2s", "evaluation_interval": "2s"}  # a run of seconds, not hours
+    cfg["global"] |= {"scrape_interval": "1s", "evaluation_interval": "1s"}  # a run of seconds, not hours
     # Ray lists its targets at the node's interface address even with --node-ip-address=127.0.0.1; scrape the
     # same ports on loopback so nothing here talks to another address.
     for job in cfg["scrape_configs"]:
@@ -139,7 +139,7 @@ def test_prometheus_grafana_queries_and_dashboard(random_world, random_stitches,
         prom = start_prometheus(scrape_config(head.temp, tmp_path), port, tmp_path / "tsdb")
         t0, dash = time.time(), f"http://127.0.0.1:{head.dashboard}"
         actors_page = shoot_actors_page(dash, tmp_path, done)
-        cmd = tiny_job(head.dashboard, ROOT, tmp_path / "run", random_stitches["tiny-flux"], "train.steps=3",
+        cmd = tiny_job(head.dashboard, ROOT, tmp_path / "run", random_stitches["tiny-flux"], "train.steps=6",
                        "eval.every=0")
         job, _ = submit_job(cmd, head.metrics, timeout=1500, linger=10, env=head.env, cwd=ROOT)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
