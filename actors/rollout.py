@@ -24,9 +24,8 @@ from rlstitch.train.lora import state_bytes
 from rlstitch.train.policy import Policy, sample_to_stops, stop_times
 
 EVAL = "evaluation"  # the adapter slot evaluations sample with (current or EMA weights); "eval" is taken by nn.Module
-
-
 ROLLOUT_COUNTERS = ("rlstitch_rollouts_total", "rlstitch_denoise_steps_total", "rlstitch_denoise_steps_saved_total")
+
 
 class RolloutWorker:
     """One rollout process: policy weights in slots "default" (sampling) and "eval", plus the codec for grids."""
