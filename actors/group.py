@@ -73,7 +73,8 @@ def with_role_repr(actor_cls, role: str):
 class ActorGroup:
     """N actors of one class in one placement group."""
 
-    def __init__(self, actor_cls, spec: RoleSpec, *args, role: str = "worker", **kwargs):
+    def __init__(self, actor_cls, spec: RoleSpec, *args, role: str = "worker", label: str | None = None, **kwargs):
+        """`label` (default: the role) names the workers on the dashboard, "<label>-<rank>"."""
         spec.validate(role)
         self.role, self.spec = role, spec
         one = bundle(spec, role)
@@ -90,7 +91,7 @@ class ActorGroup:
                 f"the cluster has {ray.cluster_resources()} (available {ray.available_resources()}). "
                 f"Lower {role}.num_workers / num_gpus or add nodes (see `ray status`)."
             ) from None
-        remote = ray.remote(with_role_repr(actor_cls, role))
+        remote = ray.remote(with_role_repr(actor_cls, label or role))
         self.workers = [
             remote.options(
                 num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,

@@ -10,7 +10,6 @@ Every wait has a timeout, and a worker that fails reports its traceback instead 
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
 import traceback
@@ -19,9 +18,10 @@ from pathlib import Path
 
 import ray
 import torch
-from ray.util.queue import Empty, Queue
+from ray.util.queue import Queue
 
 from actors.group import scaling_config
+from actors.labels import ROLE_ENV, check_rank
 from actors.metrics import record
 from rlstitch.placement import RoleSpec
 
@@ -66,6 +66,7 @@ def learner_loop(config: dict) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    check_rank(rank)
     inbox, outbox = config["inboxes"][rank], config["outbox"]
     try:
         learner = _build_learner(from_dict(config["cfg"]), rank, world, config.get("value"))
@@ -135,9 +136,11 @@ class LearnerGroup:
             scaling_config=scaling_config(role, "learner"),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=int(self.timeout)),
             run_config=RunConfig(name=f"learner-{tags.get('run', 'run')}",
-                                 storage_path=str(Path(storage or "runs/ray_train").resolve())),
+                                 storage_path=str(Path(storage or "runs/ray_train").resolve()),
+                                 worker_runtime_env={"env_vars": {ROLE_ENV: "learner"}}),  # dashboard label
         )
         self.error: BaseException | None = None
+        self._pending = None  # the outbox get that _next_message waits on
         self.thread = threading.Thread(target=self._fit, args=(trainer,), name="learner-fit", daemon=True)
         self.thread.start()
         try:
@@ -158,9 +161,8 @@ class LearnerGroup:
         answers: dict[int, object] = {}
         deadline = time.monotonic() + (timeout or self.timeout)
         while len(answers) < self.world:
-            try:
-                msg = self.outbox.get(timeout=1.0)
-            except (Empty, queue.Empty):
+            msg = self._next_message(1.0)
+            if msg is None:
                 if self.error is not None or not self.thread.is_alive():
                     raise RuntimeError(f"the learner group stopped while waiting for {op!r}: {self.error!r}") from self.error
                 if time.monotonic() > deadline:
@@ -172,6 +174,17 @@ class LearnerGroup:
             if msg["op"] == op:
                 answers[msg["rank"]] = msg["result"]
         return [answers[k] for k in range(self.world)]
+
+    def _next_message(self, wait_s: float) -> dict | None:
+        """The outbox's next message, or None after wait_s seconds. One get stays pending across waits: a queue get
+        whose timeout expires raises Empty in the queue actor, and the dashboard counted each such poll as a failed
+        task."""
+        if self._pending is None:
+            self._pending = self.outbox.actor.get.remote()
+        if not ray.wait([self._pending], timeout=wait_s)[0]:
+            return None
+        ref, self._pending = self._pending, None
+        return ray.get(ref)
 
     def _call(self, op: str, **payload) -> list:
         """Send a command to every rank and wait for all answers."""
@@ -211,6 +224,8 @@ class LearnerGroup:
             except (RuntimeError, TimeoutError):
                 pass
         self.thread.join(timeout=60)
+        if self._pending is not None:  # after a failure a get still waits in the outbox actor: end it first
+            ray.cancel(self._pending)
         for q in [*self.inboxes, self.outbox]:
             try:
                 q.shutdown()

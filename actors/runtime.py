@@ -7,6 +7,8 @@ import os
 
 import ray
 
+from actors.labels import SETUP_HOOK
+
 
 def init_ray(num_cpus: int | None = None, need: float = 0.0) -> None:
     """Connect to the job's cluster (RAY_ADDRESS, set by `ray job submit`) or start a local Ray on 127.0.0.1.
@@ -22,7 +24,9 @@ def init_ray(num_cpus: int | None = None, need: float = 0.0) -> None:
     env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
                         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-                        "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}}
+                        "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")},
+           # names the learner ranks on the dashboard (a no-op in every other worker)
+           "worker_process_setup_hook": SETUP_HOOK}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
     else:

@@ -63,10 +63,12 @@ class World:
                 self.log.info(f"shutdown of {type(g).__name__} failed: {e!r}")
 
 
-def _value_pool(cfg: RecipeConfig, spec: ValueSpec, estimator, tags: dict) -> tuple[ValueClient, ActorGroup]:
-    """Value actors of the "value" role hosting one estimator (a ValueSpec, or a lazily rebuilt CleanReward)."""
+def _value_pool(cfg: RecipeConfig, spec: ValueSpec, estimator, tags: dict,
+                label: str) -> tuple[ValueClient, ActorGroup]:
+    """Value actors of the "value" role hosting one estimator (a ValueSpec, or a lazily rebuilt CleanReward),
+    named `label`-<rank> on the dashboard."""
     kwargs = {"estimator": estimator} if estimator is not None else {}
-    group = ActorGroup(ValueActor, role(cfg, "value"), asdict(spec), tags=tags, role="value", **kwargs)
+    group = ActorGroup(ValueActor, role(cfg, "value"), asdict(spec), tags=tags, role="value", label=label, **kwargs)
     return ValueClient(group.workers, timeout_s=cfg.train.timeout_s), group
 
 
@@ -83,14 +85,14 @@ def build_scorers(cfg: RecipeConfig, tags: dict) -> tuple[Scorer, Scorer, list]:
             # The hosted estimator is CleanReward: Tweedie at t=0 without its (then useless) denoiser call.
             spec = ValueSpec(kind="tweedie", backbone=cfg.model.backbone, reward=name, reward_path=path, tiny_dir=tiny)
             lazy = LazyCleanReward(codec, cfg.model.codec_path, name, path, tiny)
-            pools[key], g = _value_pool(cfg, spec, lazy, tags)
+            pools[key], g = _value_pool(cfg, spec, lazy, tags, f"value-clean-{name}")
             groups.append(g)
         return pools[key]
 
     def stitch(name: str, path: str | None, artifact: str) -> ValueClient:
         spec = ValueSpec(kind="stitchvm", backbone=cfg.model.backbone, backbone_path=cfg.model.path, reward=name,
                          reward_path=path, stitch=artifact, tiny_dir=tiny)
-        client, g = _value_pool(cfg, spec, None, tags)
+        client, g = _value_pool(cfg, spec, None, tags, f"value-stitch-{name}")
         groups.append(g)
         return client
 

@@ -26,9 +26,11 @@ from test_build_stitch import SMALL
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = {"prometheus": shutil.which("prometheus"), "chromium": shutil.which("chromium")}
-# What the Actors page names: rollout and value actors by their role (ActorGroup's repr), the learner ranks by Ray
-# Train's worker class.
-ROLES = ("rollout-0", "value-0", "RayTrainWorker")
+# The tiny NFT job's actors by the repr the Actors page shows, and their classes: ActorGroup names its workers
+# "<label>-<rank>" (the driver labels each value pool by use and reward); the learner ranks are Ray Train workers
+# that actors.labels names by placement bundle.
+LABELS = {"rollout-0": "RolloutWorker", "value-stitch-tiny-clip-0": "ValueActor",
+          "value-clean-tiny-clip-0": "ValueActor", "learner-0": "RayTrainWorker"}
 
 
 def scrape_config(temp: str, into: Path) -> Path:
@@ -89,11 +91,29 @@ def chromium(url: str, work: Path, *args: str, height: int = 1000) -> str:
     return out
 
 
-def alive_actors(dash: str) -> set[str]:
-    """Class and repr names of the cluster's alive actors (the state API the Actors page reads)."""
-    with urllib.request.urlopen(f"{dash}/api/v0/actors?limit=1000&detail=1", timeout=10) as r:
-        actors = json.loads(r.read())["data"]["result"]["result"]
-    return {name for a in actors if a["state"] == "ALIVE" for name in (a["class_name"], a.get("repr_name"))}
+def state_api(dash: str, what: str, **filters: str) -> list[dict]:
+    """Rows of the dashboard's state API (what the Actors and Jobs pages read), filtered by equality."""
+    query = "".join(f"&filter_keys={k}&filter_predicates=%3D&filter_values={v}" for k, v in filters.items())
+    with urllib.request.urlopen(f"{dash}/api/v0/{what}?limit=10000&detail=1{query}", timeout=30) as r:
+        return json.loads(r.read())["data"]["result"]["result"]
+
+
+def alive_actors(dash: str) -> dict[str, str]:
+    """Repr name -> class name of the cluster's alive actors that have a repr."""
+    return {a["repr_name"]: a["class_name"] for a in state_api(dash, "actors", state="ALIVE") if a.get("repr_name")}
+
+
+def failed_tasks(dash: str, entrypoint: str) -> tuple[int, dict[str, int]]:
+    """The job's number of tasks, and its failed ones counted by function and error type."""
+    with urllib.request.urlopen(f"{dash}/api/jobs/", timeout=30) as r:
+        job = next(j for j in json.loads(r.read()) if entrypoint in j["entrypoint"])
+    tasks = state_api(dash, "tasks", job_id=job["job_id"])
+    failed: dict[str, int] = {}
+    for t in tasks:
+        if t["state"] == "FAILED":
+            key = f"{t['func_or_class_name']} ({t.get('error_type')})"
+            failed[key] = failed.get(key, 0) + 1
+    return len(tasks), failed
 
 
 def shoot_actors_page(dash: str, work: Path, done: threading.Event) -> dict:
@@ -104,10 +124,10 @@ def shoot_actors_page(dash: str, work: Path, done: threading.Event) -> dict:
     def run() -> None:
         while not done.is_set():
             try:
-                ready = set(ROLES) <= alive_actors(dash)
+                seen["actors"] = alive_actors(dash)
             except OSError:
-                ready = False
-            if ready:
+                seen["actors"] = {}
+            if LABELS.keys() <= seen["actors"].keys():
                 seen["dom"] = chromium(f"{dash}/#/actors", work, "--dump-dom")
                 chromium(f"{dash}/#/actors", work, f"--screenshot={work / 'ray_dashboard_actors.png'}",
                          height=1400)  # the whole first page of 10 actors
@@ -145,6 +165,10 @@ def test_prometheus_grafana_queries_and_dashboard(random_world, random_stitches,
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
         done.set()
         actors_page["thread"].join(timeout=300)
+        total, failed = failed_tasks(dash, "recipes/nft_flux.py")
+        print(f"NFT job: {total} tasks, failed: {failed}")
+        # learner replies are awaited on one pending queue get (a get that times out fails in the queue actor)
+        assert not [k for k in failed if k.startswith("_QueueActor.get")], failed
         build = [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{head.dashboard}", "--working-dir",
                  str(ROOT), "--", "python", "recipes/build_stitch.py", *SMALL, "finetune.steps=2",
                  f"out={tmp_path / 'stitch'}"]
@@ -160,8 +184,9 @@ def test_prometheus_grafana_queries_and_dashboard(random_world, random_stitches,
         jobs_dom = chromium(f"{dash}/#/jobs", tmp_path, "--dump-dom")
         assert "recipes/nft_flux.py" in jobs_dom and "recipes/build_stitch.py" in jobs_dom
         chromium(f"{dash}/#/jobs", tmp_path, f"--screenshot={tmp_path / 'ray_dashboard_jobs.png'}")
-        assert "dom" in actors_page, f"the role actors {ROLES} were never all alive together during the NFT job"
-        assert all(name in actors_page["dom"] for name in ROLES), [n for n in ROLES if n not in actors_page["dom"]]
+        assert "dom" in actors_page, f"the actors {list(LABELS)} were never alive together: {actors_page.get('actors')}"
+        assert LABELS.items() <= actors_page["actors"].items(), actors_page["actors"]
+        assert all(name in actors_page["dom"] for name in LABELS), [n for n in LABELS if n not in actors_page["dom"]]
         for page in ("jobs", "actors"):
             shot = tmp_path / f"ray_dashboard_{page}.png"
             assert shot.stat().st_size > 10_000, f"{shot} looks blank"
