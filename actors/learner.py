@@ -91,11 +91,7 @@ def _serve(learner, op: str, msg: dict, rank: int):
     """One command on one rank."""
     if op == "update":
         start = time.perf_counter()
-        # a span in `ray timeline`: the update runs inside the Ray Train worker's one long task, not as a task
-        from ray._private.profiling import profile
-
-        with profile("learner.update"):
-            stats = learner.update(ray.get(msg["batch"]))
+        stats = learner.update(ray.get(msg["batch"]))
         return stats | {"learner_step_s": (time.perf_counter() - start) / learner.cfg.train.updates_per_iteration}
     if op == "publish":
         # Every rank holds the same (all-gathered) weights after a step; rank 0 puts them in the object store once

@@ -33,7 +33,7 @@ from training_alignment import time_to_reach
 from rlstitch.io import atomic_write_text
 
 ROLES = {"RolloutWorker": ("rollout", "tab:blue"), "ValueActor": ("value", "tab:orange"),
-         "learner.update": ("learner", "tab:green")}
+         "learner": ("learner", "tab:green")}
 
 
 def run_one(k: int, iterations: int, every: int, out: Path, extra: list[str]) -> dict:
@@ -91,24 +91,23 @@ def plot(report: dict, png: Path) -> None:
     fig.savefig(png, dpi=120)
 
 
-def timeline_spans(events: list[dict], start: float, end: float) -> list[tuple[str, int, float, float]]:
-    """(role, process, start s, end s) of the rollout / value tasks and learner updates between start and end
-    (epoch seconds), from `ray.timeline()`'s Chrome trace events."""
-    spans = []
+def timeline_spans(events: list[dict], ledger: list[dict], start: float, end: float) -> list[tuple[str, str, float, float]]:
+    """(role, process, start s, end s) between start and end (epoch seconds): rollout and value actor tasks from
+    `ray.timeline()`'s Chrome trace events, learner updates from the run's ledger (the driver's wait for them: the
+    update runs inside Ray Train's one long worker task, which the timeline shows as a single span)."""
+    spans = [("learner", "learner", t0 - start, t1 - start) for t0, t1 in (r["learned"] for r in ledger)
+             if start <= t0 and t1 <= end]
     for e in events:
-        if e.get("ph") != "X":
-            continue
-        what = e.get("cat") if e.get("cat") == "learner.update" else str(e.get("args", {}).get("func_or_class_name"))
-        role = next((r for key, (r, _) in ROLES.items() if what.startswith(key)), None)
-        if e.get("cat") not in ("task:execute", "learner.update") or role is None:
+        role = next((r for key, (r, _) in ROLES.items() if str(e.get("cat", "")).startswith(f"task::{key}.")), None)
+        if e.get("ph") != "X" or role is None or e["cat"].endswith(".__init__"):
             continue
         t0, t1 = e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6
         if start <= t0 and t1 <= end:
-            spans.append((role, int(e["tid"]), t0 - start, t1 - start))
+            spans.append((role, str(e["tid"]), t0 - start, t1 - start))
     return spans
 
 
-def plot_timeline(spans: list[tuple[str, int, float, float]], png: Path, title: str, window: float = 60.0) -> None:
+def plot_timeline(spans: list[tuple[str, str, float, float]], png: Path, title: str, window: float = 40.0) -> None:
     """One row per process, a bar per task / update, coloured by role; the first `window` seconds after the
     first learner update (the steady state)."""
     import matplotlib
@@ -124,8 +123,10 @@ def plot_timeline(spans: list[tuple[str, int, float, float]], png: Path, title: 
     for y, (role, tid) in enumerate(rows):
         bars = [(s[2] - first, s[3] - s[2]) for s in shown if (s[0], s[1]) == (role, tid)]
         ax.broken_barh(bars, (y - 0.4, 0.8), facecolors=colors[role], edgecolors="black", linewidth=0.3)
-    ax.set_yticks(range(len(rows)), [f"{role} (worker {tid})" for role, tid in rows])
-    ax.set_xlabel("seconds")
+    names = {row: f"{row[0]} {sum(r[0] == row[0] for r in rows[:k])}" for k, row in enumerate(rows)}
+    ax.set_yticks(range(len(rows)), [names[row] for row in rows])
+    ax.invert_yaxis()  # rollout workers on top, the learner at the bottom
+    ax.set_xlabel("seconds since the first learner update")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -158,7 +159,10 @@ def main(argv: list[str] | None = None) -> dict:
         if a.timeline and k > 0 and spans is None:
             import ray
 
-            spans = timeline_spans(ray.timeline(), start, time.time())
+            events = ray.timeline()
+            atomic_write_text(out / "timeline.json", json.dumps(events))  # Chrome trace: chrome://tracing, Perfetto
+            ledger = [json.loads(line) for line in (out / f"staleness{k}" / "ledger.jsonl").read_text().splitlines()]
+            spans = timeline_spans(events, ledger, start, time.time())
             plot_timeline(spans, a.timeline, f"Ray timeline, train.async_staleness={k} (tiny world, 2 cores)")
     report = summarise(summaries)
     report |= {"iterations": iterations, "every": every, "overrides": a.overrides}

@@ -188,7 +188,9 @@ def run(recipe: str, argv: list[str] | None, algo: Algorithm) -> dict:
 
             # 2. learner: the recipe's update on the batch (meanwhile the next k iterations roll out)
             t2 = time.perf_counter()
+            learn_at = time.time()
             stats = world.learner.update(algo.batch(cfg, roll, reward, d.prompts))
+            learned = [round(learn_at, 3), round(time.time(), 3)]  # epoch seconds: a timeline's learner spans
             stats |= staleness_stats(roll["versions"], state.version, U, k)
             state.iteration, state.version = state.iteration + 1, int(stats["step"])
 
@@ -199,7 +201,7 @@ def run(recipe: str, argv: list[str] | None, algo: Algorithm) -> dict:
             state.train_s += time.perf_counter() - t0
             with open(ledger, "a") as f:  # an append-only log, like metrics.jsonl
                 f.write(json.dumps({"iteration": d.iteration, "version": d.version, "step": state.version,
-                                    "prompts": d.prompts, "seeds": d.seeds}) + "\n")
+                                    "prompts": d.prompts, "seeds": d.seeds, "learned": learned}) + "\n")
             if reward is None:  # DRaFT: the learner's value of its rollouts
                 reward = torch.tensor([stats["value"]])
             log_iteration(world, state, stats, parts, reward, roll["tau"], sync,

@@ -22,11 +22,12 @@ def test_throughput_speedup_and_time_to_the_sync_final_reward():
 
 
 def test_timeline_spans_keep_the_roles_inside_the_window():
-    def ev(cat, name, ts, dur, tid):
-        return {"ph": "X", "cat": cat, "ts": ts * 1e6, "dur": dur * 1e6, "tid": tid, "args": {"func_or_class_name": name}}
+    def ev(cat, ts, dur, tid):
+        return {"ph": "X", "cat": cat, "ts": ts * 1e6, "dur": dur * 1e6, "tid": tid}
 
-    events = [ev("task:execute", "RolloutWorker.sample", 101, 2, 1), ev("task:execute", "ValueActor.value_of", 103, 1, 2),
-              ev("learner.update", "RayTrainWorker.__execute", 102, 1.5, 3), ev("task:execute", "_QueueActor.get", 102, 1, 4),
-              ev("task:execute", "RolloutWorker.sample", 90, 2, 1), {"ph": "M", "name": "thread_name", "tid": 1}]
-    assert timeline_spans(events, 100.0, 110.0) == [("rollout", 1, 1.0, 3.0), ("value", 2, 3.0, 4.0),
-                                                     ("learner", 3, 2.0, 3.5)]
+    events = [ev("task::RolloutWorker.sample", 101, 2, "w1"), ev("task::ValueActor.value_of", 103, 1, "w2"),
+              ev("task::_QueueActor.get", 102, 1, "w4"), ev("task::RolloutWorker.sample", 90, 2, "w1"),
+              ev("task::RolloutWorker.__init__", 100.5, 0.1, "w1"), {"ph": "M", "name": "thread_name", "tid": "w1"}]
+    ledger = [{"learned": [102.0, 103.5]}, {"learned": [95.0, 96.0]}]
+    assert timeline_spans(events, ledger, 100.0, 110.0) == [("learner", "learner", 2.0, 3.5), ("rollout", "w1", 1.0, 3.0),
+                                                            ("value", "w2", 3.0, 4.0)]

@@ -118,5 +118,6 @@ def test_async_run_trains_every_draw_once_and_resumes_exactly(random_world, rand
     shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-2", tmp_path / "resumed" / "checkpoints" / "step-2")
     second = main([a.replace("straight", "resumed") for a in args])
     assert second["steps"] == 4
-    assert ledger(tmp_path / "resumed") == lines[2:]
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "learned"} for r in rows]  # noqa: E731 - wall times
+    assert drop(ledger(tmp_path / "resumed")) == drop(lines[2:])
     assert_same_weights(final_state(tmp_path / "straight", 4), final_state(tmp_path / "resumed", 4))
