@@ -64,9 +64,10 @@ class RolloutConfig:
     group_size: int = 8  # samples per prompt
     stop_window: list[int] = field(default_factory=lambda: [4, 6])  # mode=stitch: stop step uniform in [lo, hi]
     tau_per: str = "group"  # one stop draw per "group" (a prompt's samples) or per "sample"
-    # train.async_staleness >= 1: each worker's share of an iteration runs as this many tasks, and the value actors
-    # score a task's latents as soon as it finishes (its object ref goes from rollout to value actor) while the
-    # worker denoises the next. The synchronous loop runs one task per worker (bit-identical to earlier versions).
+    # train.async_staleness >= 1: each worker's share of an iteration runs as this many tasks (at most one per
+    # sample), and the value actors score a task's latents as soon as it finishes (its object ref goes from rollout
+    # to value actor) while the worker denoises the next. The synchronous loop runs one task per worker
+    # (bit-identical to earlier versions).
     stream_chunks: int = 2
 
 
@@ -285,9 +286,6 @@ def _problems(c: RecipeConfig):
     if c.rollout.prompts_per_iteration % max(n_roll, 1):
         yield (f"rollout.prompts_per_iteration={c.rollout.prompts_per_iteration} is not divisible by "
                f"placement.rollout.num_workers={n_roll} (each worker samples whole prompt groups): change either")
-    elif c.rollout.stream_chunks > c.batch_size // max(n_roll, 1):
-        yield (f"rollout.stream_chunks={c.rollout.stream_chunks} exceeds the {c.batch_size // max(n_roll, 1)} "
-               "samples each rollout worker draws per iteration")
     per_update = c.batch_size // max(c.train.updates_per_iteration, 1)
     if c.batch_size % max(c.train.updates_per_iteration, 1):
         yield (f"batch {c.batch_size} (rollout.prompts_per_iteration x rollout.group_size) is not divisible by "
