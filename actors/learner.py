@@ -1,7 +1,7 @@
 """The learner group: data-parallel DeepSpeed (ZeRO-2) workers under Ray Train, driven like a local object.
 
 `TorchTrainer.fit()` runs in a driver thread; each Ray Train worker builds a `rlstitch.train.learner.Learner`
-around `deepspeed.initialize` and then serves commands from its own queue ("update", "weights", "state",
+around `deepspeed.initialize` and then serves commands from its own queue ("update", "publish", "state",
 "load_state", "stop"), answering on a shared queue. The driver's `LearnerGroup.update(batch)` therefore reads
 like a method call, while the process group (gloo on CPU, NCCL on GPU) and DeepSpeed live on the workers.
 Every wait has a timeout, and a worker that fails reports its traceback instead of leaving the driver hanging.
@@ -25,7 +25,7 @@ from actors.labels import ROLE_ENV, check_rank
 from actors.metrics import record
 from rlstitch.placement import RoleSpec
 
-COMMANDS = ("update", "weights", "state", "load_state", "stop")
+COMMANDS = ("update", "publish", "state", "load_state", "stop")
 
 
 def _build_learner(cfg, rank: int, world_size: int, value):
@@ -93,14 +93,17 @@ def _serve(learner, op: str, msg: dict, rank: int):
         start = time.perf_counter()
         stats = learner.update(ray.get(msg["batch"]))
         return stats | {"learner_step_s": (time.perf_counter() - start) / learner.cfg.train.updates_per_iteration}
-    if op == "weights":
-        # Every rank holds the same (all-gathered) weights after a step; rank 0 answers for the group.
+    if op == "publish":
+        # Every rank holds the same (all-gathered) weights after a step; rank 0 puts them in the object store once
+        # and answers with the ref, which every rollout worker then fetches (no copy through the driver).
         if rank:
             return None
-        out = {"adapter": learner.weights(msg["which"])}
-        if msg.get("base"):
-            out["base"] = learner.base_weights()
-        return out
+        from rlstitch.train.lora import state_bytes
+
+        payload = {"version": msg["version"], "slot": msg["slot"], "adapter": learner.weights(msg["which"]),
+                   "base": learner.base_weights() if msg.get("base") else None}
+        nbytes = state_bytes(payload["adapter"]) + (state_bytes(payload["base"]) if payload["base"] else 0)
+        return {"ref": [ray.put(payload)], "bytes": nbytes}  # in a list: the queue must not resolve the ref
     if op == "state":
         st = learner.state()
         return st if rank == 0 else {"optimizer": st["optimizer"], "optimizer_scalars": st["optimizer_scalars"]}
@@ -201,9 +204,11 @@ class LearnerGroup:
         record("rlstitch_learner_step_s", stats["learner_step_s"], self.tags | {"role": "learner"})
         return stats
 
-    def weights(self, which: str = "sample", base: bool = False) -> dict:
-        """Published weights ("sample", "current" or "ema"; with base=True also the frozen base weights)."""
-        return self._call("weights", which=which, base=base)[0]
+    def publish(self, which: str, version: int, slot: str = "default", base: bool = False) -> dict:
+        """Weights ("sample", "current" or "ema"; with base=True also the frozen base weights) put in the object
+        store by rank 0 as a rollout worker's set_weights payload: {"ref", "bytes"}."""
+        out = self._call("publish", which=which, version=version, slot=slot, base=base)[0]
+        return {"ref": out["ref"][0], "bytes": out["bytes"]}
 
     def state(self) -> list[dict]:
         """Per-rank checkpoint state (rank 0 carries the weights)."""

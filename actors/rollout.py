@@ -1,8 +1,9 @@
 """Rollout workers: the generator (base + LoRA) sampling groups of prompts to their stop steps, on Ray.
 
-Weights arrive after every learner update: the first sync carries the full transformer (base + adapter) so
-every worker provably holds the learner's weights, later ones only the adapter. Each result reports the
-weight version it was sampled with, so the driver can check that no rollout used stale weights.
+Weights arrive after every learner update, as one object ref the learner put in the object store: the first sync
+carries the full transformer (base + adapter) so every worker provably holds the learner's weights, later ones only
+the adapter. Each result reports the weight version it was sampled with, so the driver can check that every rollout
+used the weights it was submitted under.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ import ray
 import torch
 from torch import Tensor
 
-from actors.group import ActorGroup
+from actors.group import ActorGroup, get_within
 from actors.metrics import record, zero_counters
 from rlstitch.placement import RoleSpec
 from rlstitch.sampling.generate import initial_noise
 from rlstitch.train.config import RecipeConfig, flow_sampler, from_dict, pick_dtype
-from rlstitch.train.lora import state_bytes
 from rlstitch.train.policy import Policy, sample_to_stops, stop_times
 
 EVAL = "evaluation"  # the adapter slot evaluations sample with (current or EMA weights); "eval" is taken by nn.Module
@@ -146,6 +146,13 @@ class RolloutWorker:
                 record(name, value, self.tags)
 
 
+def _bounds(n: int, chunks: int) -> list[tuple[int, int]]:
+    """[a, b) of `chunks` contiguous near-equal pieces of n items (no empty piece)."""
+    chunks = max(1, min(chunks, n))
+    edges = [n * k // chunks for k in range(chunks + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 class RolloutGroup:
     """The rollout workers (one ActorGroup): weight syncs, sampling split by prompt groups, evaluation samples."""
 
@@ -155,25 +162,32 @@ class RolloutGroup:
         self.cfg, self.tags = cfg, dict(tags)
         self.group = ActorGroup(RolloutWorker, role, to_dict(cfg), tiny_dir=tiny_dir, tags=self.tags, role="rollout")
         self.full_synced = False
+        self._pending_sets: list = []  # weight loads not yet seen to finish
 
     def __len__(self) -> int:
         return len(self.group)
 
-    def sync(self, adapter: dict, version: int, base: dict | None = None, slot: str = "default") -> dict:
-        """Send weights to every worker (one object-store copy); the first sync must carry the base weights."""
-        if not self.full_synced and base is None:
-            raise RuntimeError("the first sync is a full one: pass the learner's base weights")
+    def set_published(self, published: dict, version: int, slot: str = "default") -> dict:
+        """Every worker loads the weights the learner published ({"ref", "bytes"}: one object-store copy, fetched by
+        each worker itself). Not waited for: a worker's tasks run in submission order, so rollouts submitted earlier
+        keep the weights they were submitted under (syncs land between iterations). The first sync carries the base
+        weights."""
         start = time.perf_counter()
-        payload = {"version": version, "slot": slot, "adapter": adapter, "base": None if self.full_synced else base}
-        ref = ray.put(payload)
-        self.group.call("set_weights", ref, timeout=self.cfg.train.timeout_s)
+        full = not self.full_synced
+        self._pending_sets += self.group.call_async("set_weights", published["ref"])
         self.full_synced = True
-        sent = state_bytes(adapter) + (state_bytes(base) if payload["base"] is not None else 0)
+        sent = published["bytes"] * len(self)
         seconds = time.perf_counter() - start
         record("rlstitch_weight_sync_s", seconds, self.tags | {"role": "rollout"})
         if sent:
-            record("rlstitch_weight_sync_bytes_total", sent * len(self), self.tags | {"role": "rollout"})
-        return {"seconds": seconds, "bytes": sent * len(self), "full": payload["base"] is not None}
+            record("rlstitch_weight_sync_bytes_total", sent, self.tags | {"role": "rollout"})
+        return {"seconds": seconds, "bytes": sent, "full": full, "version": version, "slot": slot}
+
+    def _check_sets(self) -> None:
+        """Raise the error of any finished weight load that failed."""
+        if self._pending_sets:
+            done, self._pending_sets = ray.wait(self._pending_sets, num_returns=len(self._pending_sets), timeout=0)
+            ray.get(done)
 
     def _split(self, items: Sequence) -> list[list]:
         """Contiguous, equal chunks per worker (whole prompt groups stay on one worker)."""
@@ -181,35 +195,34 @@ class RolloutGroup:
         size = len(items) // n
         return [list(items[k * size : (k + 1) * size]) for k in range(n)]
 
-    def _sample_parts(self, method: str, prompts: Sequence[str], seeds: Sequence[int], stops: Sequence[int],
-                      version: int, **extra) -> list[dict]:
-        """Job k (whole prompt groups) on worker k; fails if any worker sampled with other weights."""
-        jobs = [{"prompts": p, "seeds": s, "stops": t, **extra}
-                for p, s, t in zip(self._split(prompts), self._split(seeds), self._split(stops))]
-        parts = self.group.map(method, jobs, timeout=self.cfg.train.timeout_s)
-        stale = [p["version"] for p in parts if p["version"] != version]
+    def submit(self, method: str, prompts: Sequence[str], seeds: Sequence[int], stops: Sequence[int], chunks: int = 1,
+               **extra) -> list[tuple]:
+        """Start `method` ("sample" or "sample_grpo") on the batch: worker k gets job k (whole prompt groups), split
+        into `chunks` tasks that finish one after the other. Returns (object ref, its prompts) per task, in batch
+        order; nothing is waited for."""
+        tasks = []
+        for worker, p, s, t in zip(self.group.workers, self._split(prompts), self._split(seeds), self._split(stops)):
+            for a, b in _bounds(len(p), chunks):
+                job = {"prompts": p[a:b], "seeds": s[a:b], "stops": t[a:b], **extra}
+                tasks.append((getattr(worker, method).remote(job), p[a:b]))
+        return tasks
+
+    def collect(self, tasks: Sequence[tuple], version: int) -> dict:
+        """The submitted tasks' rollouts as one batch (tensors concatenated, "versions": the weight version of each
+        sample); fails if any task sampled with other weights than `version`."""
+        self._check_sets()
+        parts = get_within([ref for ref, _ in tasks], self.cfg.train.timeout_s, "rollout workers did not finish",
+                           "raise train.timeout_s")
+        stale = sorted({p["version"] for p in parts} - {version})
         if stale:
             raise RuntimeError(f"rollouts sampled with weight versions {stale}, expected {version}")
-        return parts
-
-    def sample(self, prompts: Sequence[str], seeds: Sequence[int], stops: Sequence[int], version: int,
-               draft_k: int = 0) -> dict:
-        """Rollouts of the whole batch across the workers; fails if any worker sampled with other weights."""
-        parts = self._sample_parts("sample", prompts, seeds, stops, version, draft_k=draft_k)
-        return {"z": torch.cat([p["z"] for p in parts]), "tau": torch.cat([p["tau"] for p in parts]),
-                "stops": torch.cat([p["stops"] for p in parts]), "version": version,
-                "denoise_steps": sum(p["denoise_steps"] for p in parts)}
-
-    def sample_grpo(self, prompts: Sequence[str], seeds: Sequence[int], stops: Sequence[int], window: tuple[int, int],
-                    version: int) -> dict:
-        """Flow-GRPO rollouts (recorded SDE steps in `window`) across the workers; fails on stale weights."""
-        parts = self._sample_parts("sample_grpo", prompts, seeds, stops, version, window=list(window))
-        keys = ("z", "tau", "stops", "z_prev", "z_next", "logp", "steps")
-        return {k: torch.cat([p[k] for p in parts]) for k in keys} | {
-            "version": version, "denoise_steps": sum(p["denoise_steps"] for p in parts)}
+        out = {k: torch.cat([p[k] for p in parts]) for k, v in parts[0].items() if isinstance(v, Tensor)}
+        return out | {"versions": torch.cat([torch.full((len(p["stops"]),), p["version"]) for p in parts]),
+                      "version": version, "denoise_steps": sum(p["denoise_steps"] for p in parts)}
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], grid: int = 0) -> dict:
         """Fully denoised evaluation samples (eval weights) across the workers, images of the first `grid`."""
+        self._check_sets()
         n = len(self.group)
         chunks = [list(range(len(prompts)))[k::n] for k in range(n)]
         jobs = [{"prompts": [prompts[i] for i in c], "seeds": [seeds[i] for i in c], "grid": grid if k == 0 else 0}

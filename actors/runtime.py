@@ -31,4 +31,6 @@ def init_ray(num_cpus: int | None = None, need: float = 0.0) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
     else:
         num_cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(need))
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", runtime_env=env)
+        # address="local": always a fresh instance, never a cluster someone else started on this machine
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 runtime_env=env)

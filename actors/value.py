@@ -121,6 +121,11 @@ class ValueActor:
         return self._per_batch(requests, lambda b: self.model.value_and_grad(b.z.to(self.device), b.t.to(self.device),
                                                                              b.prompts))
 
+    def value_of(self, roll: Mapping, prompts: Sequence[str] | None) -> Tensor:
+        """V of a rollout result at its stops ({"z", "tau"}; sent as an object ref, so the latents come straight
+        from the rollout worker's output)."""
+        return self.value([{"z": roll["z"], "t": roll["tau"], "prompts": None if prompts is None else list(prompts)}])[0]
+
     def each(self, method: str, requests: Sequence[Mapping]) -> list:
         """`method` over requests batched; if the batch fails, each request alone, with its exception in place of
         its result (Serve batches requests of different callers: one bad request must not fail the others)."""
@@ -242,10 +247,24 @@ class ValueClient:
 
     def submit(self, method: str, requests: Sequence[Mapping]):
         """Start `method` (value or value_and_grad) on the chosen actor; returns (actor index, object ref)."""
+        return self._send(method, list(requests))
+
+    def _send(self, method: str, *args):
+        """`method`(*args) on the actor the balancer picks; returns (actor index, object ref)."""
         k = self.balancer.pick(self.loads())
-        ref = getattr(self.handles[k], method).remote(list(requests))
+        ref = getattr(self.handles[k], method).remote(*args)
         self.pending[k].append(ref)
         return k, ref
+
+    def value_of(self, roll, prompts: Sequence[str] | None):
+        """Start V of a rollout result; `roll` may be the object ref of a rollout task, which the actor waits for
+        and fetches itself. Returns the object ref of the values (see `result`)."""
+        return self._send("value_of", roll, prompts)[1]
+
+    def result(self, ref, timeout: float | None = None):
+        """What a started request returned, waited for at most `timeout` (default timeout_s) seconds."""
+        return get_within(ref, self.timeout_s if timeout is None else timeout, "a value actor did not answer",
+                          "raise the value client's timeout_s")
 
     def call(self, method: str, requests: Sequence[Mapping], timeout: float | None = None):
         """`method` on the chosen actor, waited for at most `timeout` (default timeout_s) seconds."""

@@ -12,40 +12,23 @@ Defaults run on the tiny world (tiny-sd3, tiny-clip, the committed StitchVM). Ou
 
 from __future__ import annotations
 
-import time
+from pipeline import Algorithm, run
 
-import torch
-from driver import draw_batch, end_iteration, finish, log_iteration, open_run, sync_rollouts
+
+def draft_batch(cfg, roll: dict, reward, prompts: list[str]) -> dict:
+    """Latents K steps before each stop; the learner runs the last K with gradients and asks the value actors for
+    dV/dz at the stop."""
+    return {"z": roll["z"], "stop": roll["stops"], "prompts": prompts}
+
+
+# rollouts without gradients, each to K steps before its stop (tau, or t=0 in the baseline); no separate scoring;
+# always synchronous (train.async_staleness=0): DRaFT backpropagates through the weights that sampled
+DRAFT = Algorithm(draft_batch, scored=False, job=lambda cfg: {"draft_k": cfg.draft.k})
 
 
 def main(argv: list[str] | None = None, recipe: str = "draft_sd35") -> dict:
     """Train; returns the run summary (untrained and final clean reward, history of evaluations)."""
-    cfg, state, world, evals = open_run(recipe, argv)
-    try:
-        t_run = time.perf_counter()
-        while state.iteration < cfg.iterations:
-            # 1. rollouts without gradients, each to K steps before its stop (tau, or t=0 in the baseline)
-            t0 = time.perf_counter()
-            prompts, seeds, stops = draw_batch(cfg, state)
-            roll = world.rollouts.sample(prompts, seeds, stops, state.version, draft_k=cfg.draft.k)
-
-            # 2. learner: the last K steps with gradients; the value actors give dV/dz at the stop (inside update)
-            t1 = time.perf_counter()
-            stats = world.learner.update({"z": roll["z"], "stop": roll["stops"], "prompts": prompts})
-            state.iteration, state.version = state.iteration + 1, int(stats["step"])
-
-            # 3. weight sync: the updated adapter to every rollout worker
-            t2 = time.perf_counter()
-            sync = sync_rollouts(world, state.version)
-            state.train_s += time.perf_counter() - t0
-            reward = torch.tensor([stats["value"]])
-            log_iteration(world, state, stats, {}, reward, roll["tau"], sync,
-                          {"rollout_s": t1 - t0, "learn_s": t2 - t1, "sync_s": time.perf_counter() - t2,
-                           "denoise_steps": roll["denoise_steps"]})
-            end_iteration(world, state, evals)
-        return finish(world, state, time.perf_counter() - t_run)
-    finally:
-        world.shutdown()
+    return run(recipe, argv, DRAFT)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def start(cfg: RecipeConfig, resume_id: str | None = None, start_iteration: int 
     tiny = os.environ.get("RLSTITCH_TINY_DIR")
     roles = [role(cfg, r) for r in ("rollout", "value", "learner")]
     need = sum(r.cpus for r in roles) + 2 * roles[1].cpus
-    # A local instance gets enough logical CPUs for every role: the loop is synchronous, so roles take turns.
+    # A local instance gets enough logical CPUs for every role (with async_staleness > 0 they run at once).
     # On a busy machine Python workers can take over a minute to import torch; Ray's 60 s default kills them.
     os.environ.setdefault("RAY_worker_register_timeout_seconds", "600")
     init_ray(need=need + 1)
@@ -143,6 +143,10 @@ class DriverState:
     history: list = field(default_factory=list)  # evaluations so far
     wandb_id: str | None = None
     train_s: float = 0.0  # wall seconds spent in iterations (rollouts, scores, learner, sync); no evals or saves
+    # async_staleness > 0, restored from a checkpoint: the draws that were in flight, and the weights they were
+    # sampled with ({version: adapter}); the pipeline re-submits them first
+    in_flight: list = field(default_factory=list)
+    in_flight_weights: dict = field(default_factory=dict)
 
 
 def new_state(cfg: RecipeConfig) -> DriverState:
@@ -165,31 +169,39 @@ def peek_resume(cfg: RecipeConfig) -> tuple[Path | None, dict]:
 
 
 def restore(world: World, state: DriverState, path: Path) -> None:
-    """Load a checkpoint into the learner group and the driver state (data position, RNG, step, history)."""
-    states, info = load_run(path, state.rng)
+    """Load a checkpoint into the learner group and the driver state (data position, RNG, step, history, the draws
+    in flight and their weights)."""
+    states, info, extra = load_run(path, state.rng)
     world.learner.load_state(states)
     state.iteration, state.version = int(info["iteration"]), int(info["learner_step"])
     state.prompts.load_state(info["data"])
     state.history = list(info.get("history", []))
     state.train_s = float(info.get("train_s", 0.0))
     state.wandb_id = info.get("wandb_id")
+    state.in_flight = list(info.get("in_flight", []))
+    state.in_flight_weights = {int(name.split("-")[1]): t for name, t in extra.items() if name.startswith("sampled-")}
     world.log.info(f"resumed from {path}: iteration {state.iteration}, step {state.version}, "
-                   f"epoch {state.prompts.epoch} (+{state.prompts.offset} prompts)")
+                   f"epoch {state.prompts.epoch} (+{state.prompts.offset} prompts), {len(state.in_flight)} draws in flight")
 
 
-def save(world: World, state: DriverState) -> Path:
-    """A full checkpoint of the run as it stands after `state.iteration` iterations."""
+def save(world: World, state: DriverState, in_flight: list[dict] = (), weights: dict[int, dict] | None = None) -> Path:
+    """A full checkpoint of the run as it stands after `state.iteration` iterations, with the draws already in flight
+    (their prompts, seeds, stops and versions; the RNG and data position are past them) and {version: adapter} of
+    the weights they were sampled with, so a resume re-samples exactly them."""
     path = save_run(checkpoint_dir(world.cfg), state.iteration, world.learner.state(), state.rng,
-                    keep=world.cfg.checkpoint.keep, iteration=state.iteration, data=state.prompts.state(),
-                    history=state.history, train_s=state.train_s, wandb_id=world.log.run_id, config=to_dict(world.cfg))
+                    keep=world.cfg.checkpoint.keep, extra={f"sampled-{v}": w for v, w in (weights or {}).items()},
+                    iteration=state.iteration, data=state.prompts.state(), history=state.history,
+                    train_s=state.train_s, wandb_id=world.log.run_id, config=to_dict(world.cfg),
+                    in_flight=list(in_flight))
     world.log.info(f"checkpoint: {path}")
     return path
 
 
-def sync_rollouts(world: World, version: int, full: bool = False) -> dict:
-    """Publish the learner's sampling weights to every rollout worker (with the base weights when full)."""
-    w = world.learner.weights("sample", base=full)
-    return world.rollouts.sync(w["adapter"], version, base=w.get("base"))
+def publish(world: World, version: int, which: str = "sample", slot: str = "default", full: bool = False) -> dict:
+    """The learner's weights (`which`; with the base weights when full) to every rollout worker's `slot`, through
+    one object-store copy; not waited for. Returns the sync's seconds and bytes, and "published" (the ref)."""
+    pub = world.learner.publish(which, version, slot, base=full)
+    return world.rollouts.set_published(pub, version, slot) | {"published": pub}
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -205,8 +217,7 @@ def evaluate(world: World, state: DriverState, prompts: list[str], seeds: list[i
     """Clean reward(s) of fully denoised samples with the current (or EMA) weights; logs a sample grid."""
     cfg = world.cfg
     start = time.perf_counter()
-    w = world.learner.weights("ema" if cfg.eval.use_ema else "current")
-    world.rollouts.sync(w["adapter"], state.version, slot=EVAL)
+    publish(world, state.version, "ema" if cfg.eval.use_ema else "current", EVAL)
     out = world.rollouts.generate(prompts, seeds, grid=cfg.eval.grid)
     _, parts = world.eval_scorer.value(out["z"], 0.0, prompts)
     first = cfg.eval.rewards[0]
@@ -271,7 +282,7 @@ def open_run(recipe: str, argv: list[str] | None) -> tuple[RecipeConfig, DriverS
     try:
         if resume:
             restore(world, state, resume)
-        sync_rollouts(world, state.version, full=True)  # first sync: base + adapter; later ones adapter-only
+        publish(world, state.version, full=True)  # first sync: base + adapter; later ones adapter-only
         k = f" K={cfg.draft.k}" if cfg.algorithm == "draft" else ""
         world.log.info(f"{cfg.recipe} mode={cfg.mode}{k}: {cfg.iterations} iterations x "
                        f"{cfg.train.updates_per_iteration} steps, {cfg.batch_size} rollouts per iteration. {VOCABULARY}.")
@@ -294,11 +305,14 @@ def draw_batch(cfg: RecipeConfig, state: DriverState) -> tuple[list[str], list[i
     return prompts, seeds, stops
 
 
-def end_iteration(world: World, state: DriverState, evals: tuple[list, list]) -> None:
-    """Evaluate and checkpoint when the schedule (or the last iteration) says so."""
+def end_iteration(world: World, state: DriverState, evals: tuple[list, list], settle=None, in_flight=None) -> None:
+    """Evaluate and checkpoint when the schedule (or the last iteration) says so. `settle()` first finishes the work
+    in flight (timed as training), `in_flight()` gives save's draws and weights in flight."""
     cfg = world.cfg
     last = state.iteration == cfg.iterations
     if last or (cfg.eval.every and state.iteration % cfg.eval.every == 0):
+        if settle is not None:
+            settle()
         evaluate(world, state, *evals)
     if last or (cfg.checkpoint.every and state.iteration % cfg.checkpoint.every == 0):
-        save(world, state)
+        save(world, state, *(in_flight() if in_flight is not None else ()))

@@ -64,6 +64,11 @@ class RolloutConfig:
     group_size: int = 8  # samples per prompt
     stop_window: list[int] = field(default_factory=lambda: [4, 6])  # mode=stitch: stop step uniform in [lo, hi]
     tau_per: str = "group"  # one stop draw per "group" (a prompt's samples) or per "sample"
+    # train.async_staleness >= 1: each worker's share of an iteration runs as this many tasks (at most one per
+    # sample), and the value actors score a task's latents as soon as it finishes (its object ref goes from rollout
+    # to value actor) while the worker denoises the next. The synchronous loop runs one task per worker
+    # (bit-identical to earlier versions).
+    stream_chunks: int = 2
 
 
 @dataclass
@@ -82,6 +87,10 @@ class TrainConfig:
     zero_stage: int = 2
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; fp32 | bf16
     timeout_s: float = 1800.0  # longest wait for any learner collective / reply before failing loudly
+    # 0: synchronous iterations (rollout -> score -> learn -> sync). k in {1, 2}: the rollouts and scores of
+    # iterations n+1..n+k run while the learner updates on iteration n, so samples are up to k iterations stale
+    # (workers switch weights only between iterations; train/staleness_* logs it). Not for DRaFT.
+    async_staleness: int = 0
 
 
 @dataclass
@@ -241,12 +250,17 @@ def _problems(c: RecipeConfig):
     yield from _choice("model.dtype", c.model.dtype, ("auto", "float32", "bfloat16"))
     yield from _choice("train.precision", c.train.precision, PRECISIONS)
     yield from _choice("train.zero_stage", c.train.zero_stage, (0, 1, 2))
+    yield from _choice("train.async_staleness", c.train.async_staleness, (0, 1, 2))
+    if c.algorithm == "draft" and c.train.async_staleness:
+        yield ("DRaFT backpropagates through the rollouts of the weights it trains, so they cannot be stale: "
+               f"set train.async_staleness=0 (got {c.train.async_staleness})")
     for name, v in [("train.steps", c.train.steps), ("train.updates_per_iteration", c.train.updates_per_iteration),
                     ("train.micro_batch", c.train.micro_batch), ("rollout.prompts_per_iteration",
                     c.rollout.prompts_per_iteration), ("rollout.group_size", c.rollout.group_size),
                     ("sampler.steps", c.sampler.steps), ("eval.num_prompts", c.eval.num_prompts),
                     ("data.num_prompts", c.data.num_prompts), ("nft.timesteps_per_sample", c.nft.timesteps_per_sample),
-                    ("draft.k", c.draft.k), ("model.latent_size", c.model.latent_size)]:
+                    ("draft.k", c.draft.k), ("model.latent_size", c.model.latent_size),
+                    ("rollout.stream_chunks", c.rollout.stream_chunks)]:
         if v < 1:
             yield f"{name} must be >= 1, got {v}"
     if c.checkpoint.keep < 0:

@@ -34,18 +34,23 @@ class TensorBag(nn.Module):
 
 
 def save_run(folder: str | Path, step: int, learner_states: list[dict], generator: torch.Generator,
-             keep: int = 2, **info) -> Path:
-    """Write <folder>/step-<step> (atomically) and keep the newest `keep` checkpoints."""
+             keep: int = 2, extra: dict[str, dict[str, Tensor]] | None = None, **info) -> Path:
+    """Write <folder>/step-<step> (atomically) and keep the newest `keep` checkpoints; `extra` holds further named
+    tensor dicts (e.g. the weights in-flight rollouts were sampled with), returned by load_run."""
     rank0 = learner_states[0]
     modules = {"policy": TensorBag(rank0["policy"]), "ema": TensorBag(rank0["ema"])}
     if "old" in rank0:
         modules["old"] = TensorBag(rank0["old"])
     for k, st in enumerate(learner_states):
         modules[f"learner{k}"] = TensorBag(st["optimizer"])
+    extra = dict(extra or {})
+    if set(extra) & set(modules):
+        raise ValueError(f"extra tensors {sorted(set(extra) & set(modules))} clash with the learner's")
+    modules |= {name: TensorBag(tensors) for name, tensors in extra.items()}
     scalars = [st["optimizer_scalars"] for st in learner_states]
     path = save_checkpoint(Path(folder) / f"step-{step}", modules, None, {"driver": generator},
                            learner_step=int(rank0["step"]), learner_ranks=len(learner_states),
-                           optimizer_scalars=scalars, has_old="old" in rank0, **info)
+                           optimizer_scalars=scalars, has_old="old" in rank0, extra_tensors=sorted(extra), **info)
     ckpts = sorted((p for p in Path(folder).glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")),
                    key=lambda p: int(p.name.split("-")[1]))
     for old in ckpts[:-keep] if keep > 0 else []:
@@ -53,14 +58,15 @@ def save_run(folder: str | Path, step: int, learner_states: list[dict], generato
     return path
 
 
-def load_run(path: str | Path, generator: torch.Generator) -> tuple[list[dict], dict]:
-    """(per-rank learner states, info) of a checkpoint; restores the driver generator in place."""
+def load_run(path: str | Path, generator: torch.Generator) -> tuple[list[dict], dict, dict[str, dict[str, Tensor]]]:
+    """(per-rank learner states, info, extra tensors) of a checkpoint; restores the driver generator in place."""
     path = Path(path)
     info = json.loads((path / "info.json").read_text())
     n = int(info["learner_ranks"])
+    extra = {name: TensorBag() for name in info.get("extra_tensors", [])}
     bags = {name: TensorBag() for name in ["policy", "ema", *(["old"] if info["has_old"] else []),
                                            *[f"learner{k}" for k in range(n)]]}
-    info = load_checkpoint(path, bags, None, {"driver": generator})
+    info = load_checkpoint(path, bags | extra, None, {"driver": generator})
     states = []
     for k in range(n):
         st = {"optimizer": bags[f"learner{k}"].tensors, "optimizer_scalars": info["optimizer_scalars"][k]}
@@ -69,7 +75,7 @@ def load_run(path: str | Path, generator: torch.Generator) -> tuple[list[dict], 
             if info["has_old"]:
                 st["old"] = bags["old"].tensors
         states.append(st)
-    return states, info
+    return states, info, {name: bag.tensors for name, bag in extra.items()}
 
 
 def find_resume(folder: str | Path) -> Path | None:

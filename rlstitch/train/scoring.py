@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from rlstitch.value.base import ValueEstimator, check_latent, check_prompts
@@ -77,7 +78,8 @@ class LazyCleanReward:
 
 class Scorer:
     """A weighted sum of value sources, each with `value(requests)` / `value_and_grad(requests)` (ValueClient,
-    ValueActor): one request per source per call, per-source results kept for logging."""
+    ValueActor), and `value_of(roll, prompts)` / `result(pending)` (ValueClient) for scores started while other
+    rollouts still run: one request per source per call, per-source results kept for logging."""
 
     def __init__(self, sources: dict, weights: dict[str, float]):
         if set(sources) != set(weights):
@@ -88,6 +90,15 @@ class Scorer:
         """(weighted total [B], {name: value [B]})."""
         req = [{"z": z, "t": t, "prompts": None if prompts is None else list(prompts)}]
         parts = {k: s.value(req)[0].float() for k, s in self.sources.items()}
+        return weighted_sum(parts, self.weights), parts
+
+    def start(self, roll, prompts: Sequence[str] | None) -> dict:
+        """Start every source on one rollout result (or its pending object ref): {name: pending}, for `finish`."""
+        return {k: s.value_of(roll, prompts) for k, s in self.sources.items()}
+
+    def finish(self, started: Sequence[dict]) -> tuple[Tensor, dict[str, Tensor]]:
+        """(weighted total [B], {name: value [B]}) of started rollout pieces, concatenated in order."""
+        parts = {k: torch.cat([s.result(p[k]).float() for p in started]) for k, s in self.sources.items()}
         return weighted_sum(parts, self.weights), parts
 
     def value_and_grad(self, z: Tensor, t: Tensor | float,

@@ -30,7 +30,7 @@ def test_every_recipe_has_a_tiny_default_and_a_launch_docstring():
         assert text.startswith(f'"""python recipes/{recipe}.py')
 
 
-@pytest.mark.parametrize("recipe", sorted(p.stem for p in (ROOT / "recipes").glob("*.py") if p.stem not in ("driver", "bootstrap")))
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (ROOT / "recipes").glob("*.py") if p.stem not in ("driver", "pipeline", "bootstrap")))
 def test_every_recipe_docstring_starts_with_its_launch_command(recipe):
     import ast
 
@@ -47,11 +47,17 @@ def test_every_recipe_docstring_starts_with_its_launch_command(recipe):
     (["sampler.cfg_scale=4.0"], "sampler.cfg_scale"),
     (["reward.weights=[1.0,2.0]"], "reward.weights"),
     (["mode=other"], "mode"),
+    (["train.async_staleness=3"], "train.async_staleness"),
+    (["rollout.stream_chunks=0"], "rollout.stream_chunks"),
 ])
-def test_bad_knobs_are_named(override, knob):
+def test_bad_knobs_are_named(override, knob, recipe="nft_flux"):
     from driver import parse
 
     from rlstitch.config import ConfigError
 
     with pytest.raises(ConfigError, match=knob.replace(".", r"\.")):
-        parse("nft_flux", override)
+        parse(recipe, override)
+
+
+def test_draft_cannot_train_on_stale_rollouts():
+    test_bad_knobs_are_named(["train.async_staleness=1"], "train.async_staleness", recipe="draft_sd35")

@@ -1,0 +1,213 @@
+"""The training loop every recipe runs: synchronous, or pipelined with bounded staleness (train.async_staleness).
+
+An iteration draws a batch (prompts, seeds, stops, GRPO's window), the rollout workers sample it in
+`rollout.stream_chunks` tasks per worker, the value actors score each task's latents as soon as it finishes (its
+object ref goes straight from rollout task to value actor), the learner updates on the batch and publishes the new
+sampling weights once in the object store, and every rollout worker loads that one copy.
+
+With async_staleness = k >= 1 the driver submits the rollouts and scores of iterations n+1..n+k before it waits for
+the learner's update on iteration n, so rollout workers, value actors and learner work at the same time. A worker
+runs its tasks in submission order, so a weight sync lands between two iterations' rollouts: every draw is sampled
+with the weights published when it was submitted (recorded per sample; train/staleness_* logs how many iterations
+old they are at the update). k = 0 is the synchronous loop: submit, wait, update, sync.
+
+Exact resume: a checkpoint records the draws in flight (and the RNG / data position past them) with the weights
+they were sampled with; a resumed run re-submits exactly them under those weights, so its weights equal the
+uninterrupted run's bit for bit. `<out>/ledger.jsonl` lists every draw that reached the learner.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+import torch
+from driver import DriverState, World, draw_batch, end_iteration, finish, log_iteration, open_run, publish
+
+from rlstitch.train.config import RecipeConfig
+
+
+@dataclass
+class Draw:
+    """One iteration's rollout job: what was drawn for it and the weight version it is sampled with."""
+
+    iteration: int
+    prompts: list[str]
+    seeds: list[int]
+    stops: list[int]
+    version: int
+    window: list[int] | None = None  # Flow-GRPO's recorded SDE steps [lo, hi)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What one recipe's iteration does inside the shared loop."""
+
+    batch: Callable  # (cfg, roll, reward, prompts) -> the learner's batch
+    method: str = "sample"  # the rollout workers' method
+    scored: bool = True  # False: the learner asks the value actors itself (DRaFT)
+    window: Callable | None = None  # (cfg, rng) -> a GRPO SDE window per draw
+    job: Callable | None = None  # cfg -> extra fields of every rollout job (DRaFT's K)
+
+
+class Pipeline:
+    """The draws in flight (oldest first, at most staleness + 1), the weights they were sampled with, and a ledger
+    of what reached the learner. Ray-free: `draw(iteration, version)` and `submit(draw)` are the caller's."""
+
+    def __init__(self, staleness: int, total: int, start: int, draw: Callable, submit: Callable):
+        self.staleness, self.total = staleness, total
+        self.draw, self.submit = draw, submit
+        self.queue: deque = deque()  # (Draw, the submitted job)
+        self.next = start  # the next iteration to draw
+        self.weights: dict[int, object] = {}  # version -> published weights, while a draw of that version is pending
+
+    def resubmit(self, draws: list[Draw]) -> None:
+        """Submit restored in-flight draws (already drawn: the RNG is past them), oldest first."""
+        for d in draws:
+            if d.iteration != self.next:
+                raise RuntimeError(f"restored draw of iteration {d.iteration}, expected {self.next}")
+            self.queue.append((d, self.submit(d)))
+            self.next += 1
+
+    def take(self, iteration: int, version: int) -> tuple[Draw, object]:
+        """Draw and submit iterations up to iteration + staleness (sampled with `version`), then pop `iteration`'s."""
+        while self.next <= min(iteration + self.staleness, self.total - 1):
+            d = self.draw(self.next, version)
+            self.queue.append((d, self.submit(d)))
+            self.next += 1
+        d, job = self.queue.popleft()
+        if d.iteration != iteration:
+            raise RuntimeError(f"the pipeline holds iteration {d.iteration}'s draw, the loop is at {iteration}")
+        return d, job
+
+    def published(self, version: int, weights) -> None:
+        """Remember the weights of `version`; forget those no pending draw (or future draw) uses."""
+        self.weights[version] = weights
+        keep = {d.version for d, _ in self.queue} | {version}
+        self.weights = {v: w for v, w in self.weights.items() if v in keep}
+
+    def in_flight(self) -> tuple[list[dict], dict[int, object]]:
+        """The pending draws (as dicts) and {version: weights} of those they were sampled with."""
+        draws = [d for d, _ in self.queue]
+        return [asdict(d) for d in draws], {d.version: self.weights[d.version] for d in draws}
+
+    def jobs(self) -> list:
+        """The submitted jobs still pending."""
+        return [job for _, job in self.queue]
+
+
+def staleness_stats(versions: torch.Tensor, step: int, per_iteration: int, k: int) -> dict:
+    """How many iterations old the weights of each sample were at the update: mean, max and the share of each age."""
+    age = (step - versions.float()) / per_iteration
+    return {"staleness_mean": float(age.mean()), "staleness_max": float(age.max()),
+            **{f"staleness_{a}": float((age == a).float().mean()) for a in range(k + 1)}}
+
+
+# --------------------------------------------------------------------------------------------- the Ray side
+
+
+def new_draw(cfg: RecipeConfig, state: DriverState, algo: Algorithm, iteration: int, version: int) -> Draw:
+    """The next batch from the run's RNG and prompt stream (GRPO's window drawn after the stops, as always)."""
+    prompts, seeds, stops = draw_batch(cfg, state)
+    window = list(algo.window(cfg, state.rng)) if algo.window else None
+    return Draw(iteration, prompts, seeds, stops, version, window)
+
+
+def submit(world: World, algo: Algorithm, d: Draw) -> dict:
+    """Start a draw's rollout tasks and (async) the scores of each as it finishes: Ray chains them, nothing is
+    waited for. The synchronous loop keeps one task per worker and scores the whole batch after it, as it always
+    did: a row's result can change in its last bits with the batch size, and staleness 0 must stay bit-identical."""
+    streamed = world.cfg.train.async_staleness > 0
+    extra = (algo.job(world.cfg) if algo.job else {}) | ({"window": d.window} if d.window is not None else {})
+    chunks = world.cfg.rollout.stream_chunks if streamed else 1
+    tasks = world.rollouts.submit(algo.method, d.prompts, d.seeds, d.stops, chunks, **extra)
+    scores = [world.scorer.start(ref, prompts) for ref, prompts in tasks] if algo.scored and streamed else None
+    return {"tasks": tasks, "scores": scores}
+
+
+def scores(world: World, algo: Algorithm, job: dict, roll: dict, prompts: list[str]) -> tuple:
+    """(reward, its parts) of a collected draw: the streamed scores, or the batch scored now; (None, {}) for DRaFT."""
+    if job["scores"] is not None:
+        return world.scorer.finish(job["scores"])
+    return world.scorer.value(roll["z"], roll["tau"], prompts) if algo.scored else (None, {})
+
+
+def restore_in_flight(world: World, state: DriverState, pipe: Pipeline) -> None:
+    """Re-submit a checkpoint's draws in flight under the weights they were first sampled with (the caller then
+    publishes the learner's current sampling weights, which the next draws are sampled with)."""
+    draws = [Draw(**d) for d in state.in_flight]
+    for v in dict.fromkeys(d.version for d in draws):
+        adapter = state.in_flight_weights[v]
+        ref = ray.put({"version": v, "slot": "default", "adapter": adapter, "base": None})
+        world.rollouts.set_published({"ref": ref, "bytes": 0}, v)
+        pipe.weights[v] = {"ref": ref}
+        pipe.resubmit([d for d in draws if d.version == v])
+    state.in_flight, state.in_flight_weights = [], {}
+
+
+def settle(world: World, state: DriverState, pipe: Pipeline) -> None:
+    """Wait for every submitted rollout and score (before an evaluation, which would otherwise hide their time)."""
+    start = time.perf_counter()
+    refs = [ref for job in pipe.jobs() for ref, _ in job["tasks"]]
+    refs += [r for job in pipe.jobs() for s in job["scores"] or [] for r in s.values()]
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=world.cfg.train.timeout_s)
+    state.train_s += time.perf_counter() - start
+
+
+def adapters(pipe: Pipeline) -> tuple[list[dict], dict[int, dict]]:
+    """The draws in flight and the adapters they were sampled with (fetched from the object store for a save)."""
+    draws, weights = pipe.in_flight()
+    return draws, {v: ray.get(w["ref"])["adapter"] for v, w in weights.items()}
+
+
+def run(recipe: str, argv: list[str] | None, algo: Algorithm) -> dict:
+    """Train a recipe; returns the run summary (untrained and final clean reward, history of evaluations)."""
+    cfg, state, world, evals = open_run(recipe, argv)
+    try:
+        t_run = time.perf_counter()
+        U, k = cfg.train.updates_per_iteration, cfg.train.async_staleness
+        pipe = Pipeline(k, cfg.iterations, state.iteration,
+                        lambda i, v: new_draw(cfg, state, algo, i, v), lambda d: submit(world, algo, d))
+        restore_in_flight(world, state, pipe)
+        # the weights the next draws are sampled with, kept while they are in flight (a save stores them)
+        pipe.published(state.version, publish(world, state.version)["published"])
+        ledger = Path(cfg.out) / "ledger.jsonl"
+        while state.iteration < cfg.iterations:
+            # 1. rollouts (and their scores) of this iteration and the next k, then wait for this one's
+            t0 = time.perf_counter()
+            d, job = pipe.take(state.iteration, state.version)
+            roll = world.rollouts.collect(job["tasks"], d.version)
+            t1 = time.perf_counter()
+            reward, parts = scores(world, algo, job, roll, d.prompts)
+
+            # 2. learner: the recipe's update on the batch (meanwhile the next k iterations roll out)
+            t2 = time.perf_counter()
+            learn_at = time.time()
+            stats = world.learner.update(algo.batch(cfg, roll, reward, d.prompts))
+            learned = [round(learn_at, 3), round(time.time(), 3)]  # epoch seconds: a timeline's learner spans
+            stats |= staleness_stats(roll["versions"], state.version, U, k)
+            state.iteration, state.version = state.iteration + 1, int(stats["step"])
+
+            # 3. weight sync: the new sampling weights, put once in the object store, loaded between iterations
+            t3 = time.perf_counter()
+            sync = publish(world, state.version)
+            pipe.published(state.version, sync["published"])
+            state.train_s += time.perf_counter() - t0
+            with open(ledger, "a") as f:  # an append-only log, like metrics.jsonl
+                f.write(json.dumps({"iteration": d.iteration, "version": d.version, "step": state.version,
+                                    "prompts": d.prompts, "seeds": d.seeds, "learned": learned}) + "\n")
+            if reward is None:  # DRaFT: the learner's value of its rollouts
+                reward = torch.tensor([stats["value"]])
+            log_iteration(world, state, stats, parts, reward, roll["tau"], sync,
+                          {"rollout_s": t1 - t0, "score_s": t2 - t1, "learn_s": t3 - t2,
+                           "sync_s": time.perf_counter() - t3, "denoise_steps": roll["denoise_steps"]})
+            end_iteration(world, state, evals, lambda: settle(world, state, pipe), lambda: adapters(pipe))
+        return finish(world, state, time.perf_counter() - t_run)
+    finally:
+        world.shutdown()
