@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import ray
+import ray._private.state
 
 BIN = Path(sys.executable).parent
 FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
@@ -64,14 +65,9 @@ def short_temp_dir(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
-def alive_nodes() -> list[dict]:
-    """ray.nodes() entries of the alive nodes."""
-    return [n for n in ray.nodes() if n["Alive"]]
-
-
-def role_of(node: dict, roles: tuple[str, ...] = ("rollout", "value", "learner")) -> str:
-    """The role a node offers (its first role resource), or "head/plain"."""
-    return next((r for r in roles if node.get("Resources", {}).get(r)), "plain")
+def role_of(resources: dict[str, float], roles: tuple[str, ...] = ("rollout", "value", "learner")) -> str:
+    """The role a node offers (its first role resource), or "plain" (the head, a node without roles)."""
+    return next((r for r in roles if resources.get(r)), "plain")
 
 
 class _AddressFile:
@@ -183,6 +179,7 @@ class AutoscalingHead:
         self.gcs = f"127.0.0.1:{self.gcs_port}"
         self.temp = short_temp_dir("fas")
         self.config = fake_autoscaling_config(node_types, {"CPU": head_cpus}, self.gcs, idle_timeout_minutes)
+        self.config_path = Path(self.temp) / "autoscaling.json"
         self.extra_env, self.head_cpus, self.proc = dict(env or {}), head_cpus, None
 
     @property
@@ -191,14 +188,18 @@ class AutoscalingHead:
         env = os.environ | {"PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
                             "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
                             "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
+                            # the cluster file, as ~/ray_bootstrap_config.yaml on a `ray up` head (actors.group)
+                            "RLSTITCH_CLUSTER_FILE": str(self.config_path),
                             # the dashboard's and autoscaler's exporters off Ray's fixed defaults (other clusters)
                             "DASHBOARD_METRIC_PORT": str(free_port()), "AUTOSCALER_METRIC_PORT": str(free_port()),
                             **self.extra_env}
-        env.pop("RAY_ADDRESS", None)
+        # This cluster, for processes that connect on their own (Ray Train's placement group cleaner): with
+        # several Ray clusters on the machine, address auto-detection fails ("Found multiple active Ray instances").
+        env["RAY_ADDRESS"] = self.gcs
         return env
 
     def __enter__(self) -> AutoscalingHead:
-        cfg = Path(self.temp) / "autoscaling.json"
+        cfg = self.config_path
         cfg.write_text(json.dumps(self.config))
         self._address_file = _AddressFile()
         self._env = self.env
@@ -212,10 +213,28 @@ class AutoscalingHead:
             env=self._env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             wait_for_dashboard(self.dashboard, self.proc)
+            self._wait_for_head_node()
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def alive_roles(self) -> list[str]:
+        """The role of every alive node (the head is "plain"), read from the GCS (no driver needed)."""
+        return sorted(role_of(n["Resources"]) for n in self._state.node_table() if n["Alive"])
+
+    def _wait_for_head_node(self, timeout: float = 120) -> None:
+        """Wait until the head's raylet has registered (a few seconds after the dashboard answers)."""
+        from ray._raylet import GcsClientOptions
+
+        self._state = ray._private.state.GlobalState()
+        self._state._initialize_global_state(GcsClientOptions.create(
+            self.gcs, None, allow_cluster_id_nil=True, fetch_cluster_id_if_nil=False))
+        deadline = time.monotonic() + timeout
+        while not self.alive_roles():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the head node did not register with the GCS within {timeout} s")
+            time.sleep(1)
 
     @property
     def dashboard_url(self) -> str:
