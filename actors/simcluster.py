@@ -219,9 +219,22 @@ class AutoscalingHead:
             raise
         return self
 
+    def alive_nodes(self) -> dict[str, str]:
+        """{node id: role} of the alive nodes (the head is "plain"), read from the GCS (no driver needed)."""
+        return {n["NodeID"]: role_of(n["Resources"]) for n in self._state.node_table() if n["Alive"]}
+
+    def last_actor_end(self) -> dict[str, float]:
+        """{node id: unix time its last actor ended} from the GCS actor table: when a node's work stopped."""
+        ends: dict[str, float] = {}
+        for a in self._state.actor_table(None).values():
+            node = a["Address"]["NodeID"]
+            if a["EndTime"]:
+                ends[node] = max(ends.get(node, 0.0), a["EndTime"] / 1000)
+        return ends
+
     def alive_roles(self) -> list[str]:
-        """The role of every alive node (the head is "plain"), read from the GCS (no driver needed)."""
-        return sorted(role_of(n["Resources"]) for n in self._state.node_table() if n["Alive"])
+        """The role of every alive node, sorted."""
+        return sorted(self.alive_nodes().values())
 
     def _wait_for_head_node(self, timeout: float = 120) -> None:
         """Wait until the head's raylet has registered (a few seconds after the dashboard answers)."""
