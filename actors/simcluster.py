@@ -140,8 +140,9 @@ class SimCluster:
         raise TimeoutError(f"the GCS did not mark {count} node(s) dead within {timeout} s")
 
     def __exit__(self, *exc) -> None:
-        """Disconnect, stop every node (workers first), restore the address file, remove the temp dir."""
-        if ray.is_initialized():
+        """Disconnect (if this connected), stop every node (workers first), restore the address file, remove the
+        temp dir. A driver connected elsewhere (a test session's local Ray) is left alone."""
+        if self.connect and ray.is_initialized():
             ray.shutdown()
         if self.cluster is not None:
             self.cluster.shutdown()
