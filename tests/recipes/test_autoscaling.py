@@ -56,7 +56,10 @@ def test_role_nodes_scale_up_for_a_job_and_down_after_it(random_world, random_st
     # ValueActor, "oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"). Every process imports this checkout instead.
     env = {"RLSTITCH_TINY_DIR": str(random_world), "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
            "RAY_worker_register_timeout_seconds": "600", "PYTHONPATH": str(ROOT)}
-    with AutoscalingHead(fake_node_types(cpus=1), head_cpus=1, idle_timeout_minutes=IDLE_S / 60, env=env) as head:
+    # The head's 4 logical CPUs keep the driver's helper actors (the learner's queues ask for no role) on the head.
+    # With 1, Ray placed a queue actor on a value node the autoscaler launched one too many and was terminating
+    # as idle at that moment; the actor died with the node and the job failed (1 run of 5).
+    with AutoscalingHead(fake_node_types(cpus=1), head_cpus=4, idle_timeout_minutes=IDLE_S / 60, env=env) as head:
         assert head.alive_roles() == ["plain"]
         client = JobSubmissionClient(head.dashboard_url)
         job = lambda *more: tiny_job(head.dashboard, ROOT, tmp_path / "run", random_stitches["tiny-flux"],  # noqa: E731
@@ -114,7 +117,7 @@ def test_role_nodes_scale_up_for_a_job_and_down_after_it(random_world, random_st
               + (f"its last actor ended at {since - wall0:.1f} s, idle {stamp - since:.1f} s" if since else
                  "never held an actor"))
     assert {r for r in roles.values()} - {"plain"} == {role for role, _, _ in ROLE_NODE_TYPES.values()}
-    assert peak >= 4  # head + rollout + value + learner, together
+    assert any({"rollout", "value", "learner"} <= set(r) for r in during)  # all roles' nodes up together
     assert seen[-1][1] == ["plain"], f"idle role nodes still alive {DOWN_TIMEOUT_S} s after the job: {seen[-1][1]}"
     assert set(gone) == set(roles) - {n for n, r in roles.items() if r == "plain"}  # every role node was removed
     assert all(reason == "idle" for _, reason in gone.values()), gone  # for being idle, not a crash or a cap
