@@ -3,9 +3,11 @@
     python -m actors.doctor recipes/configs/nft_flux/tiny.yaml [--address auto] [--path /mnt/weights/...]
     python -m actors.doctor --observe http://127.0.0.1:9090 [--since 3600]
 
-Reports: nodes and their resources; every role of the recipe's `placement` section (workers x CPUs / GPUs /
-custom resources) against what the cluster offers; weights paths seen from every node; versions of
-torch / ray / deepspeed / diffusers on every node. Exits 1 when anything is missing.
+Reports: nodes (and an autoscaler's node types) and their resources; every role of the recipe's `placement`
+section (workers x CPUs / GPUs / custom resources) against what the nodes offer (one worker must fit one node
+or node type: rlstitch.placement.fit_problem, the check every actor group makes at start-up); dead nodes (one
+that died unexpectedly is a problem); weights paths seen from every node; versions of torch / ray / deepspeed /
+diffusers on every node. Exits 1 when anything is missing.
 With --observe, instead: every panel of cluster/grafana/*.json queried through that Prometheus over the last
 --since seconds (actors/observe.py); exits 1 when a panel shows nothing.
 """
@@ -19,7 +21,9 @@ from pathlib import Path
 import ray
 import yaml
 
+from actors.group import cluster_offers
 from actors.runtime import init_ray
+from rlstitch.placement import brief, fit_problem
 
 
 def placement_roles(config: dict) -> dict[str, dict]:
@@ -50,15 +54,18 @@ def weight_paths(config: dict) -> list[str]:
     return found
 
 
-def role_problems(roles: dict[str, dict], total: dict[str, float]) -> list[str]:
-    """What the cluster lacks for each role (missing custom resources, too few CPUs / GPUs)."""
+def role_problems(roles: dict[str, dict], total: dict[str, float],
+                  offers: dict[str, dict[str, float]] | None = None) -> list[str]:
+    """What the cluster lacks for each role: a worker no node (type) of `offers` can hold (a missing custom
+    resource, a GPU on no node), too few CPUs / GPUs in all. `offers` defaults to one node holding `total`."""
+    offers = {"all nodes together": total} if offers is None else offers
     problems = []
     need: dict[str, float] = {}
     for role, s in roles.items():
-        for name in s["custom_resources"]:
-            if name not in total:
-                problems.append(f"role {role!r}: the cluster offers no custom resource {name!r}; add a node type with "
-                                f"resources {{{name!r}: 1}} (cluster/*.yaml) or drop placement.{role}.custom_resources")
+        one = {"CPU": s["num_cpus"], "GPU": s["num_gpus"], **s["custom_resources"]}
+        problem = fit_problem(f"placement.{role}", {k: v for k, v in one.items() if v}, offers)
+        if problem:
+            problems.append(problem)
         need["CPU"] = need.get("CPU", 0) + s["num_workers"] * s["num_cpus"]
         need["GPU"] = need.get("GPU", 0) + s["num_workers"] * s["num_gpus"]
     for res, amount in need.items():
@@ -66,6 +73,23 @@ def role_problems(roles: dict[str, dict], total: dict[str, float]) -> list[str]:
             problems.append(f"the recipe's roles need {amount:g} {res} in all, the cluster has {total.get(res, 0):g} "
                             f"(lower num_workers / num_{res.lower()}s or add nodes; autoscaling clusters may grow)")
     return problems
+
+
+def dead_nodes() -> tuple[list[str], list[str]]:
+    """(report lines, problems) for the nodes the GCS lists as dead: one that died unexpectedly (killed,
+    preempted, lost its network) is a problem, one that was stopped or scaled down is only reported."""
+    from ray.core.generated.common_pb2 import NodeDeathInfo
+
+    lines, problems = [], []
+    for n in ray.nodes():
+        if n["Alive"]:
+            continue
+        reason = NodeDeathInfo.Reason.Name(n.get("DeathReason", 0))
+        text = f"node {n['NodeManagerAddress']} ({n['NodeID'][:8]}) is dead: {reason} {n.get('DeathReasonMessage', '')}"
+        expected = reason in ("EXPECTED_TERMINATION", "AUTOSCALER_DRAIN_IDLE")
+        (lines if expected else problems).append(text if expected else
+                                                 text + " (its actors are gone; restart the node or replace it)")
+    return lines, problems
 
 
 @ray.remote(num_cpus=0)
@@ -97,12 +121,17 @@ def per_node(paths: list[str]) -> list[dict]:
 def diagnose(config: dict) -> tuple[list[str], list[str]]:
     """(report lines, problems) for a connected cluster and a recipe config."""
     total = ray.cluster_resources()
+    offers = cluster_offers()
     lines = [f"cluster resources: {dict(sorted(total.items()))}"]
+    lines += [f"{name}: {brief(res)}" for name, res in sorted((offers or {}).items())]
     roles = placement_roles(config)
     for role, s in roles.items():
         lines.append(f"role {role}: {s['num_workers']} x (CPU {s['num_cpus']}, GPU {s['num_gpus']}, "
                      f"custom {s['custom_resources']})")
-    problems = role_problems(roles, total)
+    problems = role_problems(roles, total, offers)
+    gone, dead = dead_nodes()
+    lines += gone
+    problems += dead
     paths = weight_paths(config)
     reports = per_node(paths)
     for r in reports:

@@ -8,14 +8,18 @@ ScalingConfig (scaling_config) or a Serve replica's ray_actor_options (actor_opt
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from rlstitch.placement import RoleSpec
+from rlstitch.cluster_files import load_cluster_file, node_resources
+from rlstitch.placement import RoleSpec, worker_bundle
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 1800.0  # default longest wait for a group call; pass timeout= to change it
@@ -31,17 +35,54 @@ def get_within(refs, timeout: float | None, what: str, fix: str):
 
 
 def bundle(spec: RoleSpec, role: str) -> dict[str, float]:
-    """The resources of one worker; custom resources the cluster does not offer are dropped with a warning."""
-    have = ray.cluster_resources()
-    b = {"CPU": spec.num_cpus}
-    if spec.num_gpus:
-        b["GPU"] = spec.num_gpus
-    for name, amount in spec.custom_resources.items():
-        if name in have:
-            b[name] = amount
-        else:
-            log.warning("cluster offers no %r resource; %s workers go on any node", name, role)
-    return {k: v for k, v in b.items() if v}
+    """The resources of one worker, checked against what the cluster offers (rlstitch.placement.worker_bundle):
+    a request no node or node type can hold fails here, at start-up, instead of waiting for a placement."""
+    return worker_bundle(spec, role, cluster_offers())
+
+
+def cluster_offers() -> dict[str, dict[str, float]] | None:
+    """{node / node type: resources} the cluster offers or may launch; None when that cannot be known.
+
+    The alive nodes, plus the autoscaler's node types when Ray or a cluster file says them (node_types). An
+    autoscaler whose node types are unknown gives None (the check is skipped); so does RLSTITCH_PLACEMENT_CHECK=0."""
+    if os.environ.get("RLSTITCH_PLACEMENT_CHECK", "1") == "0":
+        return None
+    offers = {f"node {n['NodeManagerAddress']} ({n['NodeID'][:8]})": n["Resources"]
+              for n in ray.nodes() if n["Alive"]}
+    types = node_types()
+    if types is not None:
+        return offers | {f"node type {name}": res for name, res in types.items()}
+    if autoscaling():
+        log.warning("the cluster autoscales but its node types are unknown (set RLSTITCH_CLUSTER_FILE to its "
+                    "cluster file): worker resources go unchecked")
+        return None
+    return offers
+
+
+def node_types() -> dict[str, dict[str, float]] | None:
+    """The autoscaler's node types and their resources: from the GCS (autoscaler v2, KubeRay), else the cluster
+    file RLSTITCH_CLUSTER_FILE (default ~/ray_bootstrap_config.yaml, which `ray up` leaves on the head); None
+    when neither has them."""
+    from ray._private.state import state
+
+    config = state.get_cluster_config()
+    if config is not None and config.node_group_configs:
+        return {g.name: dict(g.resources) for g in config.node_group_configs}
+    path = Path(os.environ.get("RLSTITCH_CLUSTER_FILE", "~/ray_bootstrap_config.yaml")).expanduser()
+    return node_resources(load_cluster_file(path)) if path.is_file() else None
+
+
+def autoscaling() -> bool:
+    """True when an autoscaler with configured node types runs (not the read-only one every head runs, whose
+    node types are the live nodes, named node_<node id>)."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    status = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) or b"{}")
+    mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(not re.fullmatch(r"node_[0-9a-f]{56}", t) for t in mapping.values())
 
 
 def scaling_config(spec: RoleSpec, role: str = "learner"):
@@ -53,7 +94,7 @@ def scaling_config(spec: RoleSpec, role: str = "learner"):
 
 
 def actor_options(spec: RoleSpec, role: str = "value") -> dict:
-    """ray_actor_options of a Serve replica (custom resources the cluster lacks are dropped)."""
+    """ray_actor_options of a Serve replica (checked like every bundle)."""
     one = bundle(spec, role)
     return {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus,
             "resources": {k: v for k, v in one.items() if k not in ("CPU", "GPU")}}

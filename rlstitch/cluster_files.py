@@ -25,6 +25,15 @@ KUBERAY_API_VERSION = "ray.io/v1"
 KUBERAY_KINDS = frozenset({"RayCluster", "RayJob"})
 WORKER_GROUP_FIELDS = ("groupName", "replicas", "minReplicas", "maxReplicas")
 
+# The one source of the role node types: every `ray up` file (cluster/aws.yaml, cluster/gcp.yaml) declares
+# exactly these, and the autoscaling test launches them (fake_node_types). Each offers one unit of its role per
+# GPU and scales from zero (min_workers 0); CPUs and instance types are the cloud's own.
+ROLE_NODE_TYPES = {  # name: (role resource, GPUs = role units per node, max_workers)
+    "rollout_gpu": ("rollout", 8, 4),
+    "value_gpu": ("value", 1, 4),
+    "learner_gpu": ("learner", 8, 2),
+}
+
 
 # ----------------------------------------------------------------------------------------- loading
 
@@ -106,6 +115,33 @@ def node_type_errors(config: Mapping) -> list[str]:
         if isinstance(low, int) and isinstance(high, int) and low > high:
             errors.append(f"available_node_types.{name}: min_workers {low} > max_workers {high}")
     return errors
+
+
+def role_node_type_errors(config: Mapping) -> list[str]:
+    """Where a `ray up` file's role node types differ from ROLE_NODE_TYPES (names, role units, GPUs, bounds)."""
+    types = config.get("available_node_types") or {}
+    errors = [f"available_node_types: no {name!r} (rlstitch.cluster_files.ROLE_NODE_TYPES)"
+              for name in ROLE_NODE_TYPES if name not in types]
+    for name, spec in types.items():
+        res = dict(spec.get("resources") or {})
+        roles = {r: res[r] for r in ROLES if res.get(r)}
+        if name not in ROLE_NODE_TYPES:
+            errors += [f"available_node_types.{name}: offers {roles} but is not a role node type"] if roles else []
+            continue
+        role, gpus, high = ROLE_NODE_TYPES[name]
+        want = ({role: gpus}, gpus, 0, high)
+        have = (roles, res.get("GPU"), spec.get("min_workers", 0), spec.get("max_workers"))
+        if have != want:
+            errors.append(f"available_node_types.{name}: (role units, GPU, min_workers, max_workers) = {have}, "
+                          f"ROLE_NODE_TYPES says {want}")
+    return errors
+
+
+def fake_node_types(cpus: float = 1) -> dict[str, dict]:
+    """ROLE_NODE_TYPES as node types of Ray's fake multi-node provider on a CPU-only machine: the same names,
+    role units and bounds, `cpus` CPUs and no GPUs each."""
+    return {name: {"resources": {"CPU": cpus, role: gpus}, "min_workers": 0, "max_workers": high}
+            for name, (role, gpus, high) in ROLE_NODE_TYPES.items()}
 
 
 def validate_cluster_file(path: str | Path) -> dict:

@@ -7,14 +7,17 @@ here, so the checks and the custom resource names exist once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from rlstitch.config import ConfigError
 
+log = logging.getLogger(__name__)
 ROLE_RESOURCES = ("rollout", "value", "learner")  # the custom resources of cluster/ node types
 STATS_RESOURCES = ("value",)  # stats workers share the value nodes, or take none
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+_HIDDEN = ("node:", "accelerator_type:", "memory", "object_store_memory")  # Ray's own entries, not shown in errors
 
 
 @dataclass
@@ -85,3 +88,46 @@ class Placement:
             spec: RoleSpec = getattr(self, role)
             spec.validate(f"placement.{role}")
             check_resources(f"placement.{role}", spec.custom_resources)
+
+
+def worker_bundle(spec: RoleSpec, role: str, offers: dict[str, dict[str, float]] | None) -> dict[str, float]:
+    """One worker's resources, checked against what the cluster's nodes (or node types) offer.
+
+    `offers` is {node or node type: its resources}, or None when unknown (an autoscaler whose node types
+    cannot be read): then the request is kept as it is, unchecked. On a plain cluster (no node offers any
+    role resource: a laptop, `ray start` without --resources) the role's custom resources are dropped with
+    a warning, so the same recipe runs there; on a cluster with role nodes a resource nobody offers is an error."""
+    b = {"CPU": spec.num_cpus, "GPU": spec.num_gpus}
+    plain = offers is not None and not any(o.get(r) for o in offers.values() for r in ROLE_RESOURCES)
+    for name, amount in spec.custom_resources.items():
+        if plain and not any(o.get(name) for o in offers.values()):
+            log.warning("cluster offers no %r resource (no role nodes); %s workers go on any node", name, role)
+        else:
+            b[name] = amount
+    b = {k: v for k, v in b.items() if v}
+    if offers is not None:
+        need = {k: v * spec.num_workers for k, v in b.items()} if spec.strategy == "STRICT_PACK" else b
+        problem = fit_problem(role, need, offers)
+        if problem:
+            raise ConfigError(problem)
+    return b
+
+
+def fit_problem(role: str, need: dict[str, float], offers: dict[str, dict[str, float]]) -> str | None:
+    """Why no single node / node type of `offers` can hold `need`, naming the role, the resource and what is
+    offered; None when one can."""
+    if any(all(o.get(k, 0) >= v for k, v in need.items()) for o in offers.values()):
+        return None
+    short = [k for k, v in need.items() if max((o.get(k, 0) for o in offers.values()), default=0) < v]
+    what = (f"no node offers {', '.join(f'{k} >= {need[k]:g}' for k in short)}" if short
+            else "no single node offers all of it")
+    shown = "; ".join(f"{name}: {brief(o)}" for name, o in sorted(offers.items())) or "no nodes"
+    return (f"{role}: a worker needs {brief(need)} and {what}. The cluster offers {shown}. "
+            f"Change {role}.num_cpus / num_gpus / custom_resources, or add a node (type) offering it "
+            f"(cluster/README.md); RLSTITCH_PLACEMENT_CHECK=0 skips this check")
+
+
+def brief(resources: dict[str, float]) -> str:
+    """{CPU: 2, rollout: 1} without Ray's internal node:/memory entries."""
+    keep = {k: v for k, v in resources.items() if not k.startswith(_HIDDEN)}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(keep.items())) + "}"

@@ -19,7 +19,8 @@ def test_role_problems_name_missing_resource_and_shortfall():
     roles = placement_roles(CONFIG)
     assert roles["value"]["num_gpus"] == 0 and roles["rollout"]["custom_resources"] == {"rollout": 1}
     problems = role_problems(roles, {"CPU": 2.0})
-    assert any("no custom resource 'rollout'" in p for p in problems)
+    assert any("placement.rollout: a worker needs {CPU: 1, rollout: 1} and no node offers rollout >= 1" in p
+               for p in problems)
     assert any("need 3 CPU in all, the cluster has 2" in p for p in problems)
     assert role_problems(roles, {"CPU": 8.0, "rollout": 4.0}) == []
     assert weight_paths(CONFIG) == ["/nonexistent/weights/flux-dev"]
@@ -35,6 +36,6 @@ def test_doctor_on_a_local_cluster(ray_local, tmp_path, capsys):
     f.write_text(yaml.safe_dump(CONFIG))
     assert main([str(f)]) == 1
     out = capsys.readouterr().out
-    assert "MISSING: role 'rollout': the cluster offers no custom resource 'rollout'" in out
+    assert "MISSING: placement.rollout: a worker needs {CPU: 1, rollout: 1} and no node offers rollout >= 1" in out
     assert "weights path /nonexistent/weights/flux-dev not found" in out
     assert "torch" in out

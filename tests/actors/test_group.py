@@ -81,3 +81,36 @@ def test_a_learner_group_that_cannot_start_frees_its_queues(ray_local, tmp_path,
     for handle in made:
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(handle.qsize.remote(), timeout=60)
+
+
+def test_autoscaler_node_types_come_from_the_cluster_file(monkeypatch, tmp_path):
+    """Without node types in the GCS (autoscaler v1), the cluster file names them; none is None."""
+    from pathlib import Path
+
+    from ray._private.state import state
+
+    from actors.group import node_types
+
+    monkeypatch.setattr(state, "get_cluster_config", lambda: None)
+    monkeypatch.setenv("RLSTITCH_CLUSTER_FILE", str(Path(__file__).resolve().parents[2] / "cluster" / "aws.yaml"))
+    types = node_types()
+    assert types["learner_gpu"] == {"CPU": 192, "GPU": 8, "learner": 8} and types["head"] == {"CPU": 0}
+    monkeypatch.setenv("RLSTITCH_CLUSTER_FILE", str(tmp_path / "none.yaml"))
+    assert node_types() is None
+
+
+@pytest.mark.parametrize(("mapping", "expected"), [
+    ({}, False),  # no report yet
+    ({"7787e088": "node_" + "7787e088a0b6905582863801992416d89156d1745016b0cc0adc77fd"}, False),  # read-only
+    ({"fff00000": "ray.head.default", "fff00001": "rollout_gpu"}, True),  # an autoscaler with node types
+])
+def test_autoscaling_tells_a_real_autoscaler_from_the_read_only_one(monkeypatch, mapping, expected):
+    import json
+
+    import ray.experimental.internal_kv as kv
+
+    from actors.group import autoscaling
+
+    status = {"autoscaler_report": {"node_type_mapping": mapping}} if mapping else {}
+    monkeypatch.setattr(kv, "_internal_kv_get", lambda key: json.dumps(status).encode())
+    assert autoscaling() is expected

@@ -70,6 +70,33 @@ def test_ray_up_roles_and_dashboard(path):
     assert config["max_workers"] == total
 
 
+@pytest.mark.parametrize("path", RAY_UP_FILES, ids=_ids(RAY_UP_FILES))
+def test_ray_up_node_types_are_the_one_source(path):
+    """aws.yaml and gcp.yaml declare exactly ROLE_NODE_TYPES (as the autoscaling test launches them)."""
+    config = cf.load_cluster_file(path)
+    assert cf.role_node_type_errors(config) == []
+    fake = cf.fake_node_types(cpus=1)
+    for name, spec in fake.items():
+        role_units = {r: v for r, v in spec["resources"].items() if r in cf.ROLES}
+        real = config["available_node_types"][name]
+        assert role_units == {r: v for r, v in real["resources"].items() if r in cf.ROLES}
+        assert (spec["min_workers"], spec["max_workers"]) == (real["min_workers"], real["max_workers"]) == \
+            (0, real["max_workers"])
+
+
+def test_node_types_that_drift_are_named():
+    """A changed bound, a missing role type and a second type offering a role are each named."""
+    config = cf.load_cluster_file(RAY_UP_FILES[0])
+    types = config["available_node_types"]
+    types["rollout_gpu"]["max_workers"] = 5
+    types["extra"] = copy.deepcopy(types.pop("value_gpu"))
+    errors = cf.role_node_type_errors(config)
+    assert any(e.startswith("available_node_types.rollout_gpu: (role units, GPU, min_workers, max_workers) = "
+                            "({'rollout': 8}, 8, 0, 5)") for e in errors)
+    assert "available_node_types: no 'value_gpu' (rlstitch.cluster_files.ROLE_NODE_TYPES)" in errors
+    assert "available_node_types.extra: offers {'value': 1} but is not a role node type" in errors
+
+
 def test_misspelled_key_fails(tmp_path):
     """A misspelled top-level key is rejected and named in the error."""
     config = cf.load_cluster_file(RAY_UP_FILES[0])

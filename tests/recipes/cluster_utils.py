@@ -7,7 +7,6 @@ The cluster is started with `ray start --block` as a child process and stopped b
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,14 +15,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from actors.simcluster import free_port, wait_for_dashboard  # noqa: F401
+
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_watching_metrics(cmd: list[str], port: int, timeout: float, linger: float = 25,
@@ -72,21 +66,6 @@ def submit_job(cmd: list[str], metrics_port: int, timeout: float, linger: float 
             break
         time.sleep(5)
     return res, seen
-
-
-def wait_for_dashboard(port: int, proc: subprocess.Popen, timeout: float = 180) -> None:
-    """Poll the job API until it answers (or the head process died)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(2)
-    raise TimeoutError(f"the dashboard on 127.0.0.1:{port} did not come up within {timeout} s")
 
 
 @dataclass
