@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 import torch
 from ray.util.queue import Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.group import scaling_config
 from actors.labels import ROLE_ENV, check_rank
@@ -129,8 +130,12 @@ class LearnerGroup:
         role.validate("learner")
         self.cfg, self.tags, self.world = cfg, dict(tags), role.num_workers
         self.timeout = cfg.train.timeout_s
-        self.inboxes = [Queue() for _ in range(self.world)]
-        self.outbox = Queue()
+        # The queues live on the driver's node: placed anywhere, one could land on a node the autoscaler is about
+        # to remove as idle (it holds no role resource), and the run would lose its learner mid-iteration.
+        here = {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                      soft=False)}
+        self.inboxes = [Queue(actor_options=here) for _ in range(self.world)]
+        self.outbox = Queue(actor_options=here)
         use_gpu = role.num_gpus > 0
         trainer = TorchTrainer(
             learner_loop,

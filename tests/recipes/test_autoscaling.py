@@ -56,9 +56,9 @@ def test_role_nodes_scale_up_for_a_job_and_down_after_it(random_world, random_st
     # ValueActor, "oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"). Every process imports this checkout instead.
     env = {"RLSTITCH_TINY_DIR": str(random_world), "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline",
            "RAY_worker_register_timeout_seconds": "600", "PYTHONPATH": str(ROOT)}
-    # The head's 4 logical CPUs keep the driver's helper actors (the learner's queues ask for no role) on the head.
-    # With 1, Ray placed a queue actor on a value node the autoscaler launched one too many and was terminating
-    # as idle at that moment; the actor died with the node and the job failed (1 run of 5).
+    # The head's 4 logical CPUs hold the job's driver and its helper actors. The learner's queues are pinned to the
+    # driver's node (actors/learner.py): before that, Ray once placed a queue actor on a value node the autoscaler
+    # launched one too many and was terminating as idle, and the job failed with it (1 run of 5).
     with AutoscalingHead(fake_node_types(cpus=1), head_cpus=4, idle_timeout_minutes=IDLE_S / 60, env=env) as head:
         assert head.alive_roles() == ["plain"]
         client = JobSubmissionClient(head.dashboard_url)
