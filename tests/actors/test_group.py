@@ -68,8 +68,8 @@ def test_a_learner_group_that_cannot_start_frees_its_queues(ray_local, tmp_path,
 
     made = []  # a handle to each queue's actor (Queue.shutdown drops its own)
 
-    def queue() -> Queue:
-        q = Queue()
+    def queue(**options) -> Queue:
+        q = Queue(**options)
         made.append(q.actor)
         return q
 
