@@ -146,8 +146,20 @@ class SimCluster:
             ray.shutdown()
         if self.cluster is not None:
             self.cluster.shutdown()
+            keep_driver_kv()
         self._address_file.restore()
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def keep_driver_kv() -> None:
+    """Re-attach this process's internal KV to the cluster its driver is still connected to: Cluster.shutdown()
+    resets it globally, which left every later ray.experimental.internal_kv call of a test session's driver
+    failing ('NoneType' object has no attribute 'internal_kv_get')."""
+    from ray._private.worker import global_worker
+    from ray.experimental.internal_kv import _initialize_internal_kv
+
+    if ray.is_initialized():
+        _initialize_internal_kv(global_worker.gcs_client)
 
 
 def fake_autoscaling_config(node_types: dict[str, dict], head_resources: dict[str, float], gcs: str,

@@ -39,7 +39,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_doctor_and_groups_on_a_simulated_cluster(tmp_path):
+def test_doctor_and_groups_on_a_simulated_cluster(tmp_path, ray_local):
     from actors.simcluster import SimCluster
 
     recipe = tmp_path / "recipe.yaml"
@@ -73,4 +73,10 @@ def test_doctor_and_groups_on_a_simulated_cluster(tmp_path):
         assert len(dead) == 1 and dead[0].startswith("MISSING: node ")
         assert f"({killed}) is dead: UNEXPECTED_TERMINATION" in dead[0]
         assert "placement.value: a worker needs {CPU: 0.5, value: 1} and no node offers value >= 1" in doc.stdout
+    # The session's own driver still works after the simulated cluster is gone: Cluster.shutdown() resets the
+    # process's internal KV, and every later placement check (which reads it) failed until SimCluster restored it.
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    assert _internal_kv_get(b"rlstitch-probe") is None
+    assert ray_local.get(ray_local.put(7)) == 7
     print(f"test done in {time.monotonic() - t0:.1f} s")
