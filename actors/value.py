@@ -261,16 +261,14 @@ class ValueClient:
         and fetches itself. Returns the object ref of the values (see `result`)."""
         return self._send("value_of", roll, prompts)[1]
 
-    def result(self, ref, timeout: float | None = None):
+    def result(self, ref, timeout: float | None = None, what: str = "a value actor did not answer"):
         """What a started request returned, waited for at most `timeout` (default timeout_s) seconds."""
-        return get_within(ref, self.timeout_s if timeout is None else timeout, "a value actor did not answer",
-                          "raise the value client's timeout_s")
+        return get_within(ref, self.timeout_s if timeout is None else timeout, what, "raise the value client's timeout_s")
 
     def call(self, method: str, requests: Sequence[Mapping], timeout: float | None = None):
         """`method` on the chosen actor, waited for at most `timeout` (default timeout_s) seconds."""
         k, ref = self.submit(method, requests)
-        return get_within(ref, self.timeout_s if timeout is None else timeout,
-                          f"value actor {k} did not answer {method!r}", "raise the value client's timeout_s")
+        return self.result(ref, timeout, f"value actor {k} did not answer {method!r}")
 
     def value(self, requests: Sequence[Mapping], timeout: float | None = None) -> list[Tensor]:
         """Batched values, one per request."""
