@@ -99,10 +99,11 @@ def _serve(learner, op: str, msg: dict, rank: int):
         # and answers with the ref, which every rollout worker then fetches (no copy through the driver).
         if rank:
             return None
+        from actors.rollout import weights_payload
         from rlstitch.train.lora import state_bytes
 
-        payload = {"version": msg["version"], "slot": msg["slot"], "adapter": learner.weights(msg["which"]),
-                   "base": learner.base_weights() if msg.get("base") else None}
+        payload = weights_payload(msg["version"], learner.weights(msg["which"]), msg["slot"],
+                                  learner.base_weights() if msg.get("base") else None)
         nbytes = state_bytes(payload["adapter"]) + (state_bytes(payload["base"]) if payload["base"] else 0)
         return {"ref": [ray.put(payload)], "bytes": nbytes}  # in a list: the queue must not resolve the ref
     if op == "state":

@@ -146,6 +146,11 @@ class RolloutWorker:
                 record(name, value, self.tags)
 
 
+def weights_payload(version: int, adapter: dict, slot: str = "default", base: dict | None = None) -> dict:
+    """What RolloutWorker.set_weights loads (put once in the object store, fetched by every worker)."""
+    return {"version": version, "slot": slot, "adapter": adapter, "base": base}
+
+
 def _bounds(n: int, chunks: int) -> list[tuple[int, int]]:
     """[a, b) of `chunks` contiguous near-equal pieces of n items (no empty piece)."""
     chunks = max(1, min(chunks, n))

@@ -29,6 +29,7 @@ import ray
 import torch
 from driver import DriverState, World, draw_batch, end_iteration, finish, log_iteration, open_run, publish
 
+from actors.rollout import weights_payload
 from rlstitch.train.config import RecipeConfig
 
 
@@ -143,7 +144,7 @@ def restore_in_flight(world: World, state: DriverState, pipe: Pipeline) -> None:
     draws = [Draw(**d) for d in state.in_flight]
     for v in dict.fromkeys(d.version for d in draws):
         adapter = state.in_flight_weights[v]
-        ref = ray.put({"version": v, "slot": "default", "adapter": adapter, "base": None})
+        ref = ray.put(weights_payload(v, adapter))
         world.rollouts.set_published({"ref": ref, "bytes": 0}, v)
         pipe.weights[v] = {"ref": ref}
         pipe.resubmit([d for d in draws if d.version == v])
