@@ -138,7 +138,8 @@ class ActorGroup:
                 num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
                 resources={k: v for k, v in one.items() if k not in ("CPU", "GPU")},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=k),
-                max_restarts=1, max_task_retries=1,
+                # a restarted worker re-runs the tasks its predecessor lost (bounded by the restarts)
+                max_restarts=spec.max_restarts, max_task_retries=-1 if spec.max_restarts else 0,
             ).remote(*args, rank=k, world_size=spec.num_workers, **kwargs)
             for k in range(spec.num_workers)
         ]

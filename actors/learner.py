@@ -29,6 +29,11 @@ from rlstitch.placement import RoleSpec
 COMMANDS = ("update", "publish", "state", "load_state", "stop")
 
 
+class LearnerLost(RuntimeError):
+    """The learner group ended without an answer: a rank's process or node was lost (not an error a rank
+    reported). The run can go on from its latest checkpoint (recipes/pipeline.py restarts it)."""
+
+
 def _build_learner(cfg, rank: int, world_size: int, value):
     """Policy + DeepSpeed engine + Learner on this Ray Train worker."""
     from ray.train.torch import get_device
@@ -173,7 +178,8 @@ class LearnerGroup:
             msg = self._next_message(1.0)
             if msg is None:
                 if self.error is not None or not self.thread.is_alive():
-                    raise RuntimeError(f"the learner group stopped while waiting for {op!r}: {self.error!r}") from self.error
+                    why = " ".join(str(self.error).split("\n")[:3]) if self.error else "the trainer thread ended"
+                    raise LearnerLost(f"the learner group stopped while waiting for {op!r}: {why}") from self.error
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"learner ranks {sorted(set(range(self.world)) - set(answers))} did not answer "
                                        f"{op!r} within {timeout or self.timeout:.0f} s (train.timeout_s)") from None

@@ -1,9 +1,11 @@
 """Rollout workers: the generator (base + LoRA) sampling groups of prompts to their stop steps, on Ray.
 
-Weights arrive after every learner update, as one object ref the learner put in the object store: the first sync
-carries the full transformer (base + adapter) so every worker provably holds the learner's weights, later ones only
-the adapter. Each result reports the weight version it was sampled with, so the driver can check that every rollout
-used the weights it was submitted under.
+Weights travel with the work: the learner puts each version once in the object store, and every rollout task
+carries the refs of the weights it must be sampled with (plus the first, full sync: base + adapter). A worker
+loads them only when it does not hold them yet, so a worker that Ray restarted after a crash (or re-placed on
+another node) re-runs a lost task with exactly the weights it was submitted under, and the result is the same to
+the last bit. Each result reports the weight version it was sampled with, so the driver can check that every
+rollout used the weights it was submitted under.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class RolloutWorker:
         self.codec = load_codec(m.codec, m.codec_path, device=self.device)
         self.sampler = flow_sampler(self.cfg)
         self.versions = {"default": -1, EVAL: -1}
+        self.has_base = False  # the frozen base weights arrive with the first (full) sync
         self.tags = {"role": "rollout", "recipe": self.cfg.recipe, "run": "", **dict(tags or {})}
         if ray.is_initialized():  # at 0 before the first rollout: a short run's counters still show a rate
             zero_counters(ROLLOUT_COUNTERS, self.tags)
@@ -58,11 +61,22 @@ class RolloutWorker:
         slot = payload.get("slot", "default")
         if payload.get("base") is not None:
             self.policy.load_base_state(payload["base"])
-        elif self.versions["default"] < 0 and self.versions[EVAL] < 0:
+            self.has_base = True
+        elif not self.has_base:
             raise RuntimeError("the first weight sync must be a full one (base + adapter)")
         self.policy.load_state(payload["adapter"], slot)
         self.versions[slot] = int(payload["version"])
         return {"rank": self.rank, "slot": slot, "version": self.versions[slot]}
+
+    def _use(self, weights: Mapping | None, slot: str) -> None:
+        """Load the weights a job carries ({"version", "ref", "base"}: object refs, or the payloads themselves)
+        into `slot`, unless this worker holds them already: the full sync first if it has no base weights yet."""
+        if weights is None:
+            return
+        if not self.has_base:
+            self.set_weights(_fetch(weights["base"]))
+        if self.versions[slot] != int(weights["version"]):
+            self.set_weights(dict(_fetch(weights["ref"])) | {"slot": slot})
 
     # -- sampling --------------------------------------------------------------------------------
     def _velocity(self, prompts: Sequence[str], slot: str, one_by_one: bool = False):
@@ -95,6 +109,7 @@ class RolloutWorker:
 
         With "draft_k", latents are returned K steps before each stop (the learner runs the last K with grad).
         """
+        self._use(job.get("weights"), "default")
         if self.versions["default"] < 0:
             raise RuntimeError(f"rollout worker {self.rank} has no weights yet: sync before sampling")
         prompts, seeds, stops = list(job["prompts"]), list(job["seeds"]), list(job["stops"])
@@ -113,6 +128,7 @@ class RolloutWorker:
         (latents before/after, step index, log-probability), ODE elsewhere, each sample stopped at its stop."""
         from rlstitch.train.grpo_rollout import sample_recorded
 
+        self._use(job.get("weights"), "default")
         if self.versions["default"] < 0:
             raise RuntimeError(f"rollout worker {self.rank} has no weights yet: sync before sampling")
         prompts, seeds, stops = list(job["prompts"]), list(job["seeds"]), list(job["stops"])
@@ -128,6 +144,7 @@ class RolloutWorker:
     @torch.no_grad()
     def generate(self, job: Mapping) -> dict:
         """Fully denoised samples of {"prompts", "seeds"} with the eval weights; images for the first "grid"."""
+        self._use(job.get("weights"), EVAL)
         if self.versions[EVAL] < 0:
             raise RuntimeError(f"rollout worker {self.rank} has no eval weights: sync slot 'eval' first")
         prompts, seeds = list(job["prompts"]), list(job["seeds"])
@@ -144,6 +161,11 @@ class RolloutWorker:
         for name, value in zip(ROLLOUT_COUNTERS, (rollouts, steps, saved)):
             if value > 0:  # Ray counters only take positive increments
                 record(name, value, self.tags)
+
+
+def _fetch(ref):
+    """An object ref's value (a payload passed in-process is used as it is)."""
+    return ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
 
 
 def weights_payload(version: int, adapter: dict, slot: str = "default", base: dict | None = None) -> dict:
@@ -166,21 +188,23 @@ class RolloutGroup:
 
         self.cfg, self.tags = cfg, dict(tags)
         self.group = ActorGroup(RolloutWorker, role, to_dict(cfg), tiny_dir=tiny_dir, tags=self.tags, role="rollout")
-        self.full_synced = False
-        self._pending_sets: list = []  # weight loads not yet seen to finish
+        self.base = None  # the ref of the full sync (base + adapter), which a fresh or restarted worker loads first
+        self.weights: dict[str, dict] = {}  # slot -> {"version", "ref"}: what the next tasks of that slot carry
 
     def __len__(self) -> int:
         return len(self.group)
 
-    def set_published(self, published: dict, version: int, slot: str = "default") -> dict:
-        """Every worker loads the weights the learner published ({"ref", "bytes"}: one object-store copy, fetched by
-        each worker itself). Not waited for: a worker's tasks run in submission order, so rollouts submitted earlier
-        keep the weights they were submitted under (syncs land between iterations). The first sync carries the base
-        weights."""
+    def set_published(self, published: dict, version: int, slot: str = "default", full: bool = False) -> dict:
+        """The weights the learner published ({"ref", "bytes"}: one object-store copy; with the base weights when
+        `full`) become what the next tasks of `slot` carry; each worker fetches them itself, before the first task
+        that needs them. Tasks submitted earlier keep the weights they were submitted with, so a sync lands
+        between iterations. The first sync must be full."""
         start = time.perf_counter()
-        full = not self.full_synced
-        self._pending_sets += self.group.call_async("set_weights", published["ref"])
-        self.full_synced = True
+        if full:
+            self.base = published["ref"]
+        elif self.base is None:
+            raise RuntimeError("the first weight sync must be a full one (base + adapter): publish with full=True")
+        self.weights[slot] = {"version": version, "ref": published["ref"]}
         sent = published["bytes"] * len(self)
         seconds = time.perf_counter() - start
         record("rlstitch_weight_sync_s", seconds, self.tags | {"role": "rollout"})
@@ -188,11 +212,14 @@ class RolloutGroup:
             record("rlstitch_weight_sync_bytes_total", sent, self.tags | {"role": "rollout"})
         return {"seconds": seconds, "bytes": sent, "full": full, "version": version, "slot": slot}
 
-    def _check_sets(self) -> None:
-        """Raise the error of any finished weight load that failed."""
-        if self._pending_sets:
-            done, self._pending_sets = ray.wait(self._pending_sets, num_returns=len(self._pending_sets), timeout=0)
-            ray.get(done)
+    def carried(self, slot: str, version: int | None = None) -> dict:
+        """The weights a task of `slot` carries ({"version", "ref", "base"}); checks the version when given."""
+        if slot not in self.weights:
+            raise RuntimeError(f"no weights published for slot {slot!r} yet: publish before sampling")
+        w = self.weights[slot]
+        if version is not None and w["version"] != version:
+            raise RuntimeError(f"a task of weight version {version} would carry version {w['version']}")
+        return w | {"base": self.base}
 
     def _split(self, items: Sequence) -> list[list]:
         """Contiguous, equal chunks per worker (whole prompt groups stay on one worker)."""
@@ -201,10 +228,11 @@ class RolloutGroup:
         return [list(items[k * size : (k + 1) * size]) for k in range(n)]
 
     def submit(self, method: str, prompts: Sequence[str], seeds: Sequence[int], stops: Sequence[int], chunks: int = 1,
-               **extra) -> list[tuple]:
-        """Start `method` ("sample" or "sample_grpo") on the batch: worker k gets job k (whole prompt groups), split
-        into `chunks` tasks that finish one after the other. Returns (object ref, its prompts) per task, in batch
-        order; nothing is waited for."""
+               version: int | None = None, **extra) -> list[tuple]:
+        """Start `method` ("sample" or "sample_grpo") on the batch with the latest published weights (of `version`,
+        when given): worker k gets job k (whole prompt groups), split into `chunks` tasks that finish one after the
+        other. Returns (object ref, its prompts) per task, in batch order; nothing is waited for."""
+        extra["weights"] = self.carried("default", version)
         tasks = []
         for worker, p, s, t in zip(self.group.workers, self._split(prompts), self._split(seeds), self._split(stops)):
             for a, b in _bounds(len(p), chunks):
@@ -215,7 +243,6 @@ class RolloutGroup:
     def collect(self, tasks: Sequence[tuple], version: int) -> dict:
         """The submitted tasks' rollouts as one batch (tensors concatenated, "versions": the weight version of each
         sample); fails if any task sampled with other weights than `version`."""
-        self._check_sets()
         parts = get_within([ref for ref, _ in tasks], self.cfg.train.timeout_s, "rollout workers did not finish",
                            "raise train.timeout_s")
         stale = sorted({p["version"] for p in parts} - {version})
@@ -227,11 +254,10 @@ class RolloutGroup:
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], grid: int = 0) -> dict:
         """Fully denoised evaluation samples (eval weights) across the workers, images of the first `grid`."""
-        self._check_sets()
-        n = len(self.group)
+        n, weights = len(self.group), self.carried(EVAL)
         chunks = [list(range(len(prompts)))[k::n] for k in range(n)]
-        jobs = [{"prompts": [prompts[i] for i in c], "seeds": [seeds[i] for i in c], "grid": grid if k == 0 else 0}
-                for k, c in enumerate(chunks)]
+        jobs = [{"prompts": [prompts[i] for i in c], "seeds": [seeds[i] for i in c], "grid": grid if k == 0 else 0,
+                 "weights": weights} for k, c in enumerate(chunks)]
         parts = self.group.map("generate", jobs, timeout=self.cfg.train.timeout_s)  # chunk k on worker k
         z = torch.empty(len(prompts), *parts[0]["z"].shape[1:])
         for c, p in zip(chunks, parts):

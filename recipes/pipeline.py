@@ -14,11 +14,19 @@ old they are at the update). k = 0 is the synchronous loop: submit, wait, update
 Exact resume: a checkpoint records the draws in flight (and the RNG / data position past them) with the weights
 they were sampled with; a resumed run re-submits exactly them under those weights, so its weights equal the
 uninterrupted run's bit for bit. `<out>/ledger.jsonl` lists every draw that reached the learner.
+
+Lost workers: a rollout or value worker that dies is restarted by Ray (placement.<role>.max_restarts), on
+another node if its own is gone, and re-runs the tasks it lost; every task carries its inputs and the refs of its
+weights, so the re-run gives the same bits. A lost learner (LearnerLost) restarts the whole run from its latest
+checkpoint (checkpoint.restarts times at most), which by exact resume ends with the undisturbed run's weights;
+the ledger then drops the iterations the lost learner had trained past that checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,9 +36,14 @@ from pathlib import Path
 import ray
 import torch
 from driver import DriverState, World, draw_batch, end_iteration, finish, log_iteration, open_run, publish
+from driver import parse as parse_config
 
+from actors.learner import LearnerLost
 from actors.rollout import weights_payload
+from rlstitch.io import atomic_write_text
 from rlstitch.train.config import RecipeConfig
+
+log = logging.getLogger("rlstitch.pipeline")
 
 
 @dataclass
@@ -126,7 +139,7 @@ def submit(world: World, algo: Algorithm, d: Draw) -> dict:
     streamed = world.cfg.train.async_staleness > 0
     extra = (algo.job(world.cfg) if algo.job else {}) | ({"window": d.window} if d.window is not None else {})
     chunks = world.cfg.rollout.stream_chunks if streamed else 1
-    tasks = world.rollouts.submit(algo.method, d.prompts, d.seeds, d.stops, chunks, **extra)
+    tasks = world.rollouts.submit(algo.method, d.prompts, d.seeds, d.stops, chunks, version=d.version, **extra)
     scores = [world.scorer.start(ref, prompts) for ref, prompts in tasks] if algo.scored and streamed else None
     return {"tasks": tasks, "scores": scores}
 
@@ -168,7 +181,32 @@ def adapters(pipe: Pipeline) -> tuple[list[dict], dict[int, dict]]:
 
 
 def run(recipe: str, argv: list[str] | None, algo: Algorithm) -> dict:
-    """Train a recipe; returns the run summary (untrained and final clean reward, history of evaluations)."""
+    """Train a recipe; returns the run summary (untrained and final clean reward, history of evaluations). A lost
+    learner restarts the run from its latest checkpoint, at most checkpoint.restarts times."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    restarts = parse_config(recipe, argv).checkpoint.restarts
+    for attempt in range(restarts + 1):
+        try:
+            return train(recipe, argv, algo)
+        except LearnerLost as e:
+            if attempt == restarts:
+                raise
+            log.warning(f"learner lost ({e}); restart {attempt + 1} of {restarts} from the latest checkpoint")
+            argv = [*argv, "checkpoint.resume=true"]
+    raise AssertionError("unreachable")
+
+
+def trim_ledger(path: Path, iterations: int) -> None:
+    """Keep the ledger's draws of the first `iterations` iterations (a resumed run's learner has trained exactly
+    those; a lost learner may have trained past its checkpoint)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if json.loads(line)["iteration"] < iterations]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def train(recipe: str, argv: list[str], algo: Algorithm) -> dict:
+    """One attempt at the run: open (or resume) it and iterate to the end."""
     cfg, state, world, evals = open_run(recipe, argv)
     try:
         t_run = time.perf_counter()
@@ -179,6 +217,7 @@ def run(recipe: str, argv: list[str] | None, algo: Algorithm) -> dict:
         # the weights the next draws are sampled with, kept while they are in flight (a save stores them)
         pipe.published(state.version, publish(world, state.version)["published"])
         ledger = Path(cfg.out) / "ledger.jsonl"
+        trim_ledger(ledger, state.iteration)
         while state.iteration < cfg.iterations:
             # 1. rollouts (and their scores) of this iteration and the next k, then wait for this one's
             t0 = time.perf_counter()

@@ -30,6 +30,9 @@ class RoleSpec:
     custom_resources: dict[str, float] = field(default_factory=dict)  # e.g. {"rollout": 1}: used when the cluster has it
     strategy: str = "PACK"  # placement strategy of the group's bundles
     ready_timeout_s: float = 120.0  # how long to wait for the cluster to fit the group
+    # how often Ray restarts a lost worker (killed process, lost node), re-running the tasks it lost on the new
+    # one (every task carries its inputs and weights); 0: never (a lost worker fails the run), -1: forever
+    max_restarts: int = 10
 
     @property
     def cpus(self) -> float:
@@ -44,6 +47,8 @@ class RoleSpec:
             yield f"{role}: num_cpus and num_gpus must be >= 0"
         if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
             yield f"{role}.num_gpus={self.num_gpus}: fractions are allowed only below 1"
+        if self.max_restarts < -1:
+            yield f"{role}.max_restarts must be >= -1 (-1: forever), got {self.max_restarts}"
 
     def validate(self, role: str) -> None:
         """Clear errors for impossible requests."""

@@ -158,6 +158,9 @@ class CheckpointConfig:
     every: int = 0  # iterations between checkpoints (0: only at the end)
     resume: bool = True  # continue from the latest checkpoint under <out>/checkpoints
     keep: int = 2  # newest checkpoints kept on disk (0: every one)
+    # a lost learner (a rank's process or its node) restarts the run from the latest checkpoint, at most this
+    # often (0: the run fails); lost rollout / value workers restart on their own (placement.<role>.max_restarts)
+    restarts: int = 3
 
 
 @dataclass
@@ -263,6 +266,8 @@ def _problems(c: RecipeConfig):
                     ("rollout.stream_chunks", c.rollout.stream_chunks)]:
         if v < 1:
             yield f"{name} must be >= 1, got {v}"
+    if c.checkpoint.restarts < 0:
+        yield f"checkpoint.restarts must be >= 0 (0: a lost learner fails the run), got {c.checkpoint.restarts}"
     if c.checkpoint.keep < 0:
         yield f"checkpoint.keep must be >= 0 (0 keeps every checkpoint), got {c.checkpoint.keep}"
     if not c.sampler.shift > 0:

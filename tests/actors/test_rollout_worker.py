@@ -75,3 +75,23 @@ def test_grpo_rollouts_record_the_window_and_stop_at_their_stops(worker, random_
     again = worker.sample_grpo(job | {"prompts": job["prompts"][2:] + job["prompts"][:2],
                                       "seeds": [7, 8, 5, 6], "stops": [4, 4, 2, 2]})
     torch.testing.assert_close(again["logp"], out["logp"][[2, 3, 0, 1]], rtol=0, atol=1e-5)  # seeded per sample
+
+
+def test_a_fresh_worker_loads_the_weights_a_task_carries(random_world):
+    """A restarted worker (fresh from its constructor) re-runs a lost task with the weights the task carries: the
+    full sync first, then the task's version; a second task of that version loads nothing."""
+    from actors.rollout import RolloutWorker, weights_payload
+
+    adapter, base = learner_weights(random_world)
+    cfg = load_config(RecipeConfig, ["lora.rank=4", "sampler.steps=6", "rollout.stop_window=[2,4]"])
+    weights = {"version": 4, "ref": weights_payload(4, adapter), "base": weights_payload(0, adapter, base=base)}
+    job = {"prompts": ["a red circle"], "seeds": [5], "stops": [3], "weights": weights}
+    fresh = RolloutWorker(cfg, tiny_dir=str(random_world))
+    loads = []
+    fresh.set_weights = lambda payload, load=fresh.set_weights: loads.append(payload["version"]) or load(payload)
+    a = fresh.sample(job)
+    assert a["version"] == 4 and loads == [0, 4] and fresh.has_base
+    torch.testing.assert_close(fresh.policy.state(), adapter)
+    assert torch.equal(fresh.sample(job)["z"], a["z"]) and loads == [0, 4]  # held already: nothing reloaded
+    out = fresh.generate({"prompts": ["a red circle"], "seeds": [0], "weights": weights | {"version": 5, "ref": weights_payload(5, adapter)}})
+    assert out["version"] == 5 and loads == [0, 4, 5]  # the eval slot loads its own version

@@ -92,3 +92,43 @@ def test_staleness_stats_count_iterations_per_sample():
     s = staleness_stats(torch.tensor([4, 4, 2, 2]), step=4, per_iteration=2, k=2)
     assert s == {"staleness_mean": 0.5, "staleness_max": 1.0, "staleness_0": 0.5, "staleness_1": 0.5,
                  "staleness_2": 0.0}
+
+
+def test_a_lost_learner_restarts_the_run_from_its_checkpoint(monkeypatch, tmp_path):
+    """LearnerLost ends one attempt; the next resumes (checkpoint.resume=true), at most checkpoint.restarts times;
+    other errors are not retried."""
+    import pipeline
+
+    from actors.learner import LearnerLost
+
+    attempts = []
+
+    def train(recipe, argv, algo, fail=2):
+        attempts.append(list(argv))
+        if len(attempts) <= fail:
+            raise LearnerLost("rank 0 lost")
+        return {"steps": 3}
+
+    monkeypatch.setattr(pipeline, "train", train)
+    assert pipeline.run("nft_flux", [f"out={tmp_path}"], None) == {"steps": 3}
+    assert attempts[0] == [f"out={tmp_path}"] and attempts[2][-1] == "checkpoint.resume=true"
+    attempts.clear()
+    with pytest.raises(LearnerLost):
+        pipeline.run("nft_flux", [f"out={tmp_path}", "checkpoint.restarts=1"], None)
+    assert len(attempts) == 2
+    monkeypatch.setattr(pipeline, "train", lambda *a: (_ for _ in ()).throw(RuntimeError("rank 0 failed in 'update'")))
+    with pytest.raises(RuntimeError, match="failed in 'update'"):
+        pipeline.run("nft_flux", [f"out={tmp_path}"], None)
+
+
+def test_trim_ledger_keeps_the_iterations_before_the_checkpoint(tmp_path):
+    import json
+
+    from pipeline import trim_ledger
+
+    path = tmp_path / "ledger.jsonl"
+    path.write_text("".join(json.dumps({"iteration": i, "seeds": [i]}) + "\n" for i in (0, 1, 2, 3)))
+    trim_ledger(path, 2)  # a learner lost after iteration 3, resumed from the checkpoint after iteration 2
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [0, 1]
+    trim_ledger(tmp_path / "none.jsonl", 0)  # a fresh run: nothing to trim
+    assert not (tmp_path / "none.jsonl").exists()
