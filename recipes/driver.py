@@ -199,7 +199,8 @@ def save(world: World, state: DriverState, in_flight: list[dict] = (), weights: 
 
 def publish(world: World, version: int, which: str = "sample", slot: str = "default", full: bool = False) -> dict:
     """The learner's weights (`which`; with the base weights when full) for every rollout worker's `slot`, through
-    one object-store copy that the next tasks carry; not waited for. Returns the sync's seconds and bytes, and "published" (the ref)."""
+    one object-store copy that the next tasks carry; not waited for. Returns the sync's seconds and bytes, and
+    "published" (the ref)."""
     pub = world.learner.publish(which, version, slot, base=full)
     return world.rollouts.set_published(pub, version, slot, full) | {"published": pub}
 

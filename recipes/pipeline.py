@@ -184,16 +184,16 @@ def run(recipe: str, argv: list[str] | None, algo: Algorithm) -> dict:
     """Train a recipe; returns the run summary (untrained and final clean reward, history of evaluations). A lost
     learner restarts the run from its latest checkpoint, at most checkpoint.restarts times."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    restarts = parse_config(recipe, argv).checkpoint.restarts
-    for attempt in range(restarts + 1):
+    restarts, attempt = parse_config(recipe, argv).checkpoint.restarts, 0
+    while True:
         try:
             return train(recipe, argv, algo)
         except LearnerLost as e:
-            if attempt == restarts:
+            attempt += 1
+            if attempt > restarts:
                 raise
-            log.warning(f"learner lost ({e}); restart {attempt + 1} of {restarts} from the latest checkpoint")
+            log.warning(f"learner lost ({e}); restart {attempt} of {restarts} from the latest checkpoint")
             argv = [*argv, "checkpoint.resume=true"]
-    raise AssertionError("unreachable")
 
 
 def trim_ledger(path: Path, iterations: int) -> None:
