@@ -36,8 +36,11 @@ def test_report_counts_lost_and_repeated_prompts(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_survives_one_kill_of_each_kind(tmp_path):
+def test_a_run_survives_one_kill_of_each_kind(tmp_path, monkeypatch):
     from chaos import main
+
+    # the runs are subprocesses on the committed tiny world (with its StitchVM), not a session fixture's world
+    monkeypatch.delenv("RLSTITCH_TINY_DIR", raising=False)
 
     r = main(["--kills", "4", "--steps", "20", "--seed", "3", "--out", str(tmp_path), "--timeout", "600",
               "rollout.prompts_per_iteration=2", "rollout.group_size=4", "train.micro_batch=8"])
