@@ -176,6 +176,9 @@ class LearnerGroup:
         deadline = time.monotonic() + (timeout or self.timeout)
         while len(answers) < self.world:
             msg = self._next_message(1.0)
+            if msg is None and (self.error is not None or not self.thread.is_alive()):
+                # the trainer can end (after "stop", or a rank's error) before the last reply reaches the outbox
+                msg = self._next_message(5.0)
             if msg is None:
                 if self.error is not None or not self.thread.is_alive():
                     why = " ".join(str(self.error).split("\n")[:3]) if self.error else "the trainer thread ended"
