@@ -179,10 +179,10 @@ class LearnerGroup:
             if msg is None and (self.error is not None or not self.thread.is_alive()):
                 # the trainer can end (after "stop", or a rank's error) before the last reply reaches the outbox
                 msg = self._next_message(5.0)
-            if msg is None:
-                if self.error is not None or not self.thread.is_alive():
+                if msg is None:
                     why = " ".join(str(self.error).split("\n")[:3]) if self.error else "the trainer thread ended"
                     raise LearnerLost(f"the learner group stopped while waiting for {op!r}: {why}") from self.error
+            if msg is None:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"learner ranks {sorted(set(range(self.world)) - set(answers))} did not answer "
                                        f"{op!r} within {timeout or self.timeout:.0f} s (train.timeout_s)") from None

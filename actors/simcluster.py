@@ -98,6 +98,7 @@ class SimCluster:
         self.spec, self.head_cpus, self.connect = dict(nodes), head_cpus, connect
         self.cluster = None
         self.nodes: dict[str, object] = {}  # name -> ray._private.node.Node
+        self.killed: list[str] = []  # names of the nodes kill_node took down, in order
         self.temp = short_temp_dir("sim")
 
     def __enter__(self) -> SimCluster:
@@ -128,6 +129,7 @@ class SimCluster:
     def kill_node(self, name: str) -> None:
         """SIGKILL a worker node's processes, as a preempted machine would vanish (the GCS marks it dead)."""
         self.cluster.remove_node(self.nodes.pop(name), allow_graceful=False)
+        self.killed.append(name)
 
     def wait_dead(self, count: int, timeout: float = 60) -> list[dict]:
         """Wait until the GCS lists `count` dead nodes (ray.nodes() Alive=False); returns them."""

@@ -145,12 +145,11 @@ def alive_actors(sim, cls: str) -> list[dict]:
 def inject(kind: str, sim, rng: random.Random) -> str | None:
     """Kill one target of `kind`; returns what was killed (None: no such target alive right now)."""
     if kind == "node":  # the rollout+value node, then the learner's, and so on
-        role = ("rv", "learner")[len(sim.dead) % 2]
+        role = ("rv", "learner")[len(sim.killed) % 2]
         name = next(n for n in sim.nodes if n.startswith(role))
         node_id = sim.nodes[name].node_id[:8]
         sim.kill_node(name)
-        sim.dead.append(name)
-        sim.add_node(f"{role}{len(sim.dead)}", NODES[role])  # the autoscaler's replacement
+        sim.add_node(f"{role}{len(sim.killed)}", NODES[role])  # the autoscaler's replacement
         return f"node {name} ({node_id})"
     actors = alive_actors(sim, ACTOR_CLASS[kind])
     if not actors:
@@ -298,7 +297,6 @@ def main(argv: list[str] | None = None) -> dict:
     plan = schedule(a.kills, a.seed)
     t0 = time.monotonic()
     with SimCluster(NODES, head_cpus=2, connect=False) as sim:
-        sim.dead = []
         print(f"cluster up in {time.monotonic() - t0:.1f} s: head + {sorted(NODES)}; plan: "
               f"{[p['kind'] for p in plan]}", flush=True)
         ref = undisturbed(sim, recipe_args(out / "undisturbed", a.steps, a.kills, extra), out / "undisturbed", a.timeout)
