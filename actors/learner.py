@@ -31,7 +31,7 @@ COMMANDS = ("update", "publish", "state", "load_state", "stop")
 
 class LearnerLost(RuntimeError):
     """The learner group ended without an answer: a rank's process or node was lost (not an error a rank
-    reported). The run can go on from its latest checkpoint (recipes/pipeline.py restarts it)."""
+    reported). The run can go on from its latest checkpoint (actors/trainer/loop.py restarts it)."""
 
 
 def _build_learner(cfg, rank: int, world_size: int, value):

@@ -12,7 +12,10 @@ Defaults run on the tiny world (tiny-sd3, tiny-clip, the committed StitchVM). Ou
 
 from __future__ import annotations
 
-from pipeline import Algorithm, run
+import bootstrap  # noqa: F401  (the repository root on sys.path)
+
+from actors.trainer.loop import run
+from actors.trainer.pipeline import Algorithm
 
 
 def draft_batch(cfg, roll: dict, reward, prompts: list[str]) -> dict:

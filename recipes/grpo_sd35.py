@@ -14,8 +14,10 @@ summary.json, wandb/ (offline unless WANDB_MODE is set), checkpoints/.
 
 from __future__ import annotations
 
-from pipeline import Algorithm, run
+import bootstrap  # noqa: F401  (the repository root on sys.path)
 
+from actors.trainer.loop import run
+from actors.trainer.pipeline import Algorithm
 from rlstitch.train.grpo import draw_window, group_advantages
 
 

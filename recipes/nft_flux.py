@@ -12,8 +12,10 @@ Outputs go to <out>: metrics.jsonl, summary.json, wandb/ (offline unless WANDB_M
 
 from __future__ import annotations
 
-from pipeline import Algorithm, run
+import bootstrap  # noqa: F401  (the repository root on sys.path)
 
+from actors.trainer.loop import run
+from actors.trainer.pipeline import Algorithm
 from rlstitch.train.nft import optimality_probability
 
 

@@ -62,8 +62,12 @@ def ledger(out: Path) -> list[dict]:
 
 def sequential(argv: list[str]) -> None:
     """The synchronous NFT loop as it was before the pipeline, step by step on the driver's primitives."""
-    from driver import draw_batch, end_iteration, open_run, publish
     from nft_flux import nft_batch
+
+    from actors.trainer.loop import due, open_run
+    from actors.trainer.report import evaluate
+    from actors.trainer.state import draw_batch, save
+    from actors.trainer.world import publish
 
     cfg, state, world, evals = open_run("nft_flux", argv)
     try:
@@ -74,7 +78,10 @@ def sequential(argv: list[str]) -> None:
             stats = world.learner.update(nft_batch(cfg, roll, reward, prompts))
             state.iteration, state.version = state.iteration + 1, int(stats["step"])
             publish(world, state.version)
-            end_iteration(world, state, evals)
+            if due(cfg.eval.every, state.iteration, cfg.iterations):
+                evaluate(world, state, *evals)
+            if due(cfg.checkpoint.every, state.iteration, cfg.iterations):
+                save(world, state)
     finally:
         world.shutdown()
 
@@ -96,8 +103,10 @@ def test_async_run_trains_every_draw_once_and_resumes_exactly(random_world, rand
     """Staleness 1: every prompt/seed the run draws reaches the learner exactly once, sampled with the weights of one
     iteration earlier; a run resumed from a checkpoint taken while a draw was in flight ends with the uninterrupted
     run's weights bit for bit."""
-    from driver import draw_batch, new_state, parse
     from nft_flux import main
+
+    from actors.trainer.state import draw_batch, new_state
+    from actors.trainer.world import parse
 
     stitch = random_stitches["tiny-flux"]
     args = tiny_args(tmp_path / "straight", stitch, steps=4) + ["train.async_staleness=1", "checkpoint.every=2",

@@ -1,11 +1,13 @@
-"""The pipelined loop's bookkeeping (recipes/pipeline.py) with a fake rollout side and learner, no Ray: what is
+"""The pipelined loop's bookkeeping (actors/trainer/pipeline.py) with a fake rollout side and learner, no Ray: what is
 submitted when, with which weights, and that every draw reaches the learner exactly once, also across a resume."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from pipeline import Draw, Pipeline, staleness_stats
+
+from actors.trainer.pipeline import Pipeline, staleness_stats
+from actors.trainer.state import Draw
 
 
 class FakeRun:
@@ -97,9 +99,8 @@ def test_staleness_stats_count_iterations_per_sample():
 def test_a_lost_learner_restarts_the_run_from_its_checkpoint(monkeypatch, tmp_path):
     """LearnerLost ends one attempt; the next resumes (checkpoint.resume=true), at most checkpoint.restarts times;
     other errors are not retried."""
-    import pipeline
-
     from actors.learner import LearnerLost
+    from actors.trainer import loop
 
     attempts = []
 
@@ -109,22 +110,22 @@ def test_a_lost_learner_restarts_the_run_from_its_checkpoint(monkeypatch, tmp_pa
             raise LearnerLost("rank 0 lost")
         return {"steps": 3}
 
-    monkeypatch.setattr(pipeline, "train", train)
-    assert pipeline.run("nft_flux", [f"out={tmp_path}"], None) == {"steps": 3}
+    monkeypatch.setattr(loop, "train", train)
+    assert loop.run("nft_flux", [f"out={tmp_path}"], None) == {"steps": 3}
     assert attempts[0] == [f"out={tmp_path}"] and attempts[2][-1] == "checkpoint.resume=true"
     attempts.clear()
     with pytest.raises(LearnerLost):
-        pipeline.run("nft_flux", [f"out={tmp_path}", "checkpoint.restarts=1"], None)
+        loop.run("nft_flux", [f"out={tmp_path}", "checkpoint.restarts=1"], None)
     assert len(attempts) == 2
-    monkeypatch.setattr(pipeline, "train", lambda *a: (_ for _ in ()).throw(RuntimeError("rank 0 failed in 'update'")))
+    monkeypatch.setattr(loop, "train", lambda *a: (_ for _ in ()).throw(RuntimeError("rank 0 failed in 'update'")))
     with pytest.raises(RuntimeError, match="failed in 'update'"):
-        pipeline.run("nft_flux", [f"out={tmp_path}"], None)
+        loop.run("nft_flux", [f"out={tmp_path}"], None)
 
 
 def test_trim_ledger_keeps_the_iterations_before_the_checkpoint(tmp_path):
     import json
 
-    from pipeline import trim_ledger
+    from actors.trainer.state import trim_ledger
 
     path = tmp_path / "ledger.jsonl"
     path.write_text("".join(json.dumps({"iteration": i, "seeds": [i]}) + "\n" for i in (0, 1, 2, 3)))
