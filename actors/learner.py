@@ -40,6 +40,7 @@ def _build_learner(cfg, rank: int, world_size: int, value):
 
     from rlstitch.config import use_bf16
     from rlstitch.models.registry import load_backbone
+    from rlstitch.train.algorithms import algorithm
     from rlstitch.train.config import pick_dtype
     from rlstitch.train.learner import DeepSpeedEngine, Learner, accumulation_steps
     from rlstitch.train.policy import Policy
@@ -50,7 +51,7 @@ def _build_learner(cfg, rank: int, world_size: int, value):
     m, lo = cfg.model, cfg.lora
     backbone = load_backbone(m.backbone, m.path, dtype=pick_dtype(m.dtype, cuda), device=device)
     policy = Policy(backbone, lo.enabled, lo.rank, lo.alpha, lo.targets,
-                    slots=("old",) if cfg.algorithm == "nft" else (), seed=cfg.train.seed)
+                    slots=algorithm(cfg).slots, seed=cfg.train.seed)
     engine = DeepSpeedEngine(policy, policy.trainable_parameters(), cfg, accumulation_steps(cfg, world_size),
                              world_size, bf16, "nccl" if cuda else "gloo")
     value_fn = None

@@ -15,23 +15,11 @@ from __future__ import annotations
 import bootstrap  # noqa: F401  (the repository root on sys.path)
 
 from actors.trainer.loop import run
-from actors.trainer.pipeline import Algorithm
-
-
-def draft_batch(cfg, roll: dict, reward, prompts: list[str]) -> dict:
-    """Latents K steps before each stop; the learner runs the last K with gradients and asks the value actors for
-    dV/dz at the stop."""
-    return {"z": roll["z"], "stop": roll["stops"], "prompts": prompts}
-
-
-# rollouts without gradients, each to K steps before its stop (tau, or t=0 in the baseline); no separate scoring;
-# always synchronous (train.async_staleness=0): DRaFT backpropagates through the weights that sampled
-DRAFT = Algorithm(draft_batch, scored=False, job=lambda cfg: {"draft_k": cfg.draft.k})
 
 
 def main(argv: list[str] | None = None, recipe: str = "draft_sd35") -> dict:
     """Train; returns the run summary (untrained and final clean reward, history of evaluations)."""
-    return run(recipe, argv, DRAFT)
+    return run(recipe, argv)
 
 
 if __name__ == "__main__":

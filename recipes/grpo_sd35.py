@@ -17,25 +17,11 @@ from __future__ import annotations
 import bootstrap  # noqa: F401  (the repository root on sys.path)
 
 from actors.trainer.loop import run
-from actors.trainer.pipeline import Algorithm
-from rlstitch.train.grpo import draw_window, group_advantages
-
-
-def grpo_batch(cfg, roll: dict, reward, prompts: list[str]) -> dict:
-    """The recorded SDE steps of every rollout and its advantage within its prompt's group."""
-    adv = group_advantages(reward, cfg.rollout.group_size, cfg.grpo.global_std)
-    return {k: roll[k] for k in ("z_prev", "z_next", "logp", "steps")} | {"adv": adv, "prompts": prompts}
-
-
-# rollouts: G samples per prompt, recorded SDE steps inside the draw's window, stopped at tau; scores: V(z_tau) from
-# StitchVM, or the clean reward at t=0; learner: PPO-clipped ratio loss on a random subset of the recorded steps
-GRPO = Algorithm(grpo_batch, method="sample_grpo",
-                 window=lambda cfg, rng: draw_window(cfg.grpo.sde_window, cfg.grpo.window_size, rng))
 
 
 def main(argv: list[str] | None = None, recipe: str = "grpo_sd35") -> dict:
     """Train; returns the run summary (untrained and final clean reward, history of evaluations)."""
-    return run(recipe, argv, GRPO)
+    return run(recipe, argv)
 
 
 if __name__ == "__main__":

@@ -15,24 +15,11 @@ from __future__ import annotations
 import bootstrap  # noqa: F401  (the repository root on sys.path)
 
 from actors.trainer.loop import run
-from actors.trainer.pipeline import Algorithm
-from rlstitch.train.nft import optimality_probability
-
-
-def nft_batch(cfg, roll: dict, reward, prompts: list[str]) -> dict:
-    """Rollouts stopped at tau and each sample's optimality probability within its prompt's group."""
-    r = optimality_probability(reward, cfg.rollout.group_size, cfg.nft.adv_clip_max)
-    return {"z": roll["z"], "tau": roll["tau"], "r": r, "prompts": prompts}
-
-
-# rollouts: G samples per prompt from the old policy, each stopped at its tau; scores: V(z_tau) from StitchVM, or
-# the clean reward at t=0; learner: NFT steps on the bridge anchored at z_tau, then the old-policy EMA
-NFT = Algorithm(nft_batch)
 
 
 def main(argv: list[str] | None = None, recipe: str = "nft_flux") -> dict:
     """Train; returns the run summary (untrained and final clean reward, history of evaluations)."""
-    return run(recipe, argv, NFT)
+    return run(recipe, argv)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ import torch
 
 from actors.learner import LearnerLost
 from actors.trainer.pipeline import (
-    Algorithm,
     Pipeline,
     adapters,
     new_draw,
@@ -50,20 +49,21 @@ from actors.trainer.pipeline import (
 from actors.trainer.report import eval_set, evaluate, finish, log_iteration
 from actors.trainer.state import Draw, RunState, new_state, peek_resume, restore, save, trim_ledger
 from actors.trainer.world import World, parse, publish, start
+from rlstitch.train.algorithms import algorithm
 from rlstitch.train.config import RecipeConfig
 from rlstitch.train.policy import VOCABULARY
 
 log = logging.getLogger("rlstitch.trainer")
 
 
-def run(recipe: str, argv: list[str] | None, algo: Algorithm) -> dict:
-    """Train a recipe; returns the run summary (untrained and final clean reward, history of evaluations). A lost
+def run(recipe: str, argv: list[str] | None = None) -> dict:
+    """Train a recipe (its algorithm: the config's, from rlstitch/train/algorithms.py); returns the run summary (untrained and final clean reward, history of evaluations). A lost
     learner restarts the run from its latest checkpoint, at most checkpoint.restarts times."""
     argv = list(sys.argv[1:] if argv is None else argv)
     restarts, attempt = parse(recipe, argv).checkpoint.restarts, 0
     while True:
         try:
-            return train(recipe, argv, algo)
+            return train(recipe, argv)
         except LearnerLost as e:
             attempt += 1
             if attempt > restarts:
@@ -72,11 +72,11 @@ def run(recipe: str, argv: list[str] | None, algo: Algorithm) -> dict:
             argv = [*argv, "checkpoint.resume=true"]
 
 
-def train(recipe: str, argv: list[str], algo: Algorithm) -> dict:
+def train(recipe: str, argv: list[str]) -> dict:
     """One attempt at the run: open (or resume) it and iterate to the end."""
     cfg, state, world, evals = open_run(recipe, argv)
     try:
-        return Trainer(cfg, state, world, evals, algo).train()
+        return Trainer(cfg, state, world, evals).train()
     finally:
         world.shutdown()
 
@@ -93,8 +93,7 @@ def open_run(recipe: str, argv: list[str] | None) -> tuple[RecipeConfig, RunStat
         if resume:
             restore(world, state, resume)
         publish(world, state.version, full=True)  # first sync: base + adapter; later ones adapter-only
-        k = f" K={cfg.draft.k}" if cfg.algorithm == "draft" else ""
-        world.log.info(f"{cfg.recipe} mode={cfg.mode}{k}: {cfg.iterations} iterations x "
+        world.log.info(f"{cfg.recipe} mode={cfg.mode}{algorithm(cfg).describe(cfg)}: {cfg.iterations} iterations x "
                        f"{cfg.train.updates_per_iteration} steps, {cfg.batch_size} rollouts per iteration. {VOCABULARY}.")
         evals = eval_set(cfg)
         if state.iteration == 0:
@@ -114,7 +113,8 @@ def due(every: int, iteration: int, total: int) -> bool:
 class Trainer:
     """The iterations of one attempt at a run, phase by phase."""
 
-    def __init__(self, cfg: RecipeConfig, state: RunState, world: World, evals: tuple[list, list], algo: Algorithm):
+    def __init__(self, cfg: RecipeConfig, state: RunState, world: World, evals: tuple[list, list]):
+        algo = algorithm(cfg)
         self.cfg, self.state, self.world, self.evals, self.algo = cfg, state, world, evals, algo
         self.ledger = Path(cfg.out) / "ledger.jsonl"
         self.pipe = Pipeline(cfg.train.async_staleness, cfg.iterations, state.iteration,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import ray
 import torch
@@ -22,18 +22,8 @@ import torch
 from actors.rollout import weights_payload
 from actors.trainer.state import Draw, RunState, draw_batch
 from actors.trainer.world import World
+from rlstitch.train.algorithms import Algorithm
 from rlstitch.train.config import RecipeConfig
-
-
-@dataclass(frozen=True)
-class Algorithm:
-    """What one recipe's iteration does inside the shared loop."""
-
-    batch: Callable  # (cfg, roll, reward, prompts) -> the learner's batch
-    method: str = "sample"  # the rollout workers' method
-    scored: bool = True  # False: the learner asks the value actors itself (DRaFT)
-    window: Callable | None = None  # (cfg, rng) -> a GRPO SDE window per draw
-    job: Callable | None = None  # cfg -> extra fields of every rollout job (DRaFT's K)
 
 
 class Pipeline:
@@ -102,7 +92,7 @@ def submit(world: World, algo: Algorithm, d: Draw) -> dict:
     waited for. The synchronous loop keeps one task per worker and scores the whole batch after it, as it always
     did: a row's result can change in its last bits with the batch size, and staleness 0 must stay bit-identical."""
     streamed = world.cfg.train.async_staleness > 0
-    extra = (algo.job(world.cfg) if algo.job else {}) | ({"window": d.window} if d.window is not None else {})
+    extra = algo.job(world.cfg) | ({"window": d.window} if d.window is not None else {})
     chunks = world.cfg.rollout.stream_chunks if streamed else 1
     tasks = world.rollouts.submit(algo.method, d.prompts, d.seeds, d.stops, chunks, version=d.version, **extra)
     scores = [world.scorer.start(ref, prompts) for ref, prompts in tasks] if algo.scored and streamed else None

@@ -17,6 +17,7 @@ from actors.value import ValueActor, ValueClient, ValueSpec
 from rlstitch.config import load_recipe_config, to_dict
 from rlstitch.models.registry import BACKBONES
 from rlstitch.placement import RoleSpec
+from rlstitch.train.algorithms import algorithm
 from rlstitch.train.config import RecipeConfig
 from rlstitch.train.run import RunLogger
 from rlstitch.train.scoring import LazyCleanReward, Scorer
@@ -115,7 +116,7 @@ def start(cfg: RecipeConfig, resume_id: str | None = None, start_iteration: int 
                     progress=cfg.log.progress, start=start_iteration)
     scorer, eval_scorer, groups = build_scorers(cfg, tags | {"role": "value"})
     rollouts = RolloutGroup(cfg, role(cfg, "rollout"), tags | {"role": "rollout"}, tiny_dir=tiny)
-    value = scorer if cfg.algorithm == "draft" else None
+    value = None if algorithm(cfg).scored else scorer  # DRaFT: the learner asks for dV/dz itself
     learner = LearnerGroup(cfg, role(cfg, "learner"), tags | {"role": "learner"}, value=value, tiny_dir=tiny,
                            storage=out / "ray_train")
     return World(cfg, rollouts, learner, scorer, eval_scorer, log, tags, groups)

@@ -247,16 +247,18 @@ def pick_dtype(name: str, cuda: bool):
 
 def _problems(c: RecipeConfig):
     """Yield one message per invalid knob."""
-    yield from _choice("algorithm", c.algorithm, ("nft", "draft", "grpo"))
+    from rlstitch.train.algorithms import ALGORITHMS
+
+    algo = ALGORITHMS.get(c.algorithm)
+    yield from _choice("algorithm", c.algorithm, tuple(ALGORITHMS))
     yield from _choice("mode", c.mode, ("stitch", "baseline"))
     yield from _choice("rollout.tau_per", c.rollout.tau_per, ("group", "sample"))
     yield from _choice("model.dtype", c.model.dtype, ("auto", "float32", "bfloat16"))
     yield from _choice("train.precision", c.train.precision, PRECISIONS)
     yield from _choice("train.zero_stage", c.train.zero_stage, (0, 1, 2))
     yield from _choice("train.async_staleness", c.train.async_staleness, (0, 1, 2))
-    if c.algorithm == "draft" and c.train.async_staleness:
-        yield ("DRaFT backpropagates through the rollouts of the weights it trains, so they cannot be stale: "
-               f"set train.async_staleness=0 (got {c.train.async_staleness})")
+    if algo is not None and algo.fresh_only and c.train.async_staleness:
+        yield f"{algo.fresh_only}: set train.async_staleness=0 (got {c.train.async_staleness})"
     for name, v in [("train.steps", c.train.steps), ("train.updates_per_iteration", c.train.updates_per_iteration),
                     ("train.micro_batch", c.train.micro_batch), ("rollout.prompts_per_iteration",
                     c.rollout.prompts_per_iteration), ("rollout.group_size", c.rollout.group_size),
@@ -299,26 +301,11 @@ def _problems(c: RecipeConfig):
         yield (f"the {per_update} samples of one update are not divisible by placement.learner.num_workers="
                f"{n_learn}: change rollout.prompts_per_iteration, rollout.group_size or the learner count")
     # GRPO pads its last micro-batch of (sample, step) pairs instead (rlstitch/train/grpo_learner.py).
-    elif c.algorithm != "grpo" and (per_update // max(n_learn, 1)) % min(max(c.train.micro_batch, 1), per_update // max(n_learn, 1)):
+    elif algo is not None and not algo.pads_micro_batches and (per_update // max(n_learn, 1)) % min(max(c.train.micro_batch, 1), per_update // max(n_learn, 1)):
         yield (f"the {per_update // max(n_learn, 1)} samples per learner rank and update are not divisible by "
                f"train.micro_batch={c.train.micro_batch}")
-    if c.algorithm == "nft":
-        if c.rollout.group_size < 2:
-            yield "rollout.group_size must be >= 2 for DiffusionNFT (rewards are compared within a prompt's group)"
-        if c.sampler.cfg_scale != 1.0:
-            yield f"DiffusionNFT samples without CFG: set sampler.cfg_scale=1.0 (got {c.sampler.cfg_scale})"
-        lo, hi = (list(c.nft.t_range) + [None, None])[:2]
-        if lo is None or hi is None or not 0.0 <= lo < hi <= 1.0:
-            yield f"nft.t_range must be [lo, hi] with 0 <= lo < hi <= 1, got {list(c.nft.t_range)}"
-        if c.nft.beta <= 0:
-            yield f"nft.beta must be > 0, got {c.nft.beta}"
-        if c.nft.adv_clip_max <= 0:
-            yield f"nft.adv_clip_max must be > 0, got {c.nft.adv_clip_max}"
-        if not 0 <= c.nft.old_decay_max < 1:
-            yield f"nft.old_decay_max must be in [0, 1), got {c.nft.old_decay_max}"
-        if c.nft.kl_weight < 0 or c.nft.old_decay_rate < 0:
-            yield (f"nft.kl_weight ({c.nft.kl_weight}) and nft.old_decay_rate ({c.nft.old_decay_rate}) must be >= 0 "
-                   "(a negative weight rewards moving away from the reference)")
+    if algo is not None:
+        yield from algo.problems(c)
     if c.mode == "stitch":
         w = list(c.rollout.stop_window)
         if len(w) != 2 or not 1 <= w[0] <= w[1] <= c.sampler.steps:
@@ -329,17 +316,6 @@ def _problems(c: RecipeConfig):
         if len(c.reward.stitches) != len(c.reward.names):
             yield (f"mode=stitch needs one StitchVM per reward: reward.stitches has {len(c.reward.stitches)} "
                    f"entries, reward.names {len(c.reward.names)}")
-    if c.algorithm == "draft":
-        if c.draft.k > c.sampler.steps:
-            yield f"draft.k={c.draft.k} exceeds sampler.steps={c.sampler.steps}"
-        if c.mode == "stitch" and len(c.rollout.stop_window) == 2 and c.draft.k > c.rollout.stop_window[0]:
-            yield f"draft.k={c.draft.k} is larger than the earliest stop step rollout.stop_window[0]={c.rollout.stop_window[0]}"
-        if c.sampler.sde:
-            yield "DRaFT backpropagates through the ODE sampler: set sampler.sde=false"
-        if c.sampler.cfg_scale != 1.0:
-            yield f"DRaFT differentiates the conditional velocity only: set sampler.cfg_scale=1.0 (got {c.sampler.cfg_scale})"
-    if c.algorithm == "grpo":
-        yield from _grpo_problems(c)
     if len(c.reward.weights) != len(c.reward.names):
         yield f"reward.weights has {len(c.reward.weights)} entries for {len(c.reward.names)} reward.names"
     if c.reward.paths and len(c.reward.paths) != len(c.reward.names):
@@ -366,7 +342,39 @@ def flow_sampler(c: RecipeConfig):
     return FlowSampler(s.steps, s.shift, s.sde, s.noise_level, grid=grid)
 
 
-def _grpo_problems(c: RecipeConfig):
+def nft_problems(c: RecipeConfig):
+    """Yield one message per invalid DiffusionNFT knob."""
+    if c.rollout.group_size < 2:
+        yield "rollout.group_size must be >= 2 for DiffusionNFT (rewards are compared within a prompt's group)"
+    if c.sampler.cfg_scale != 1.0:
+        yield f"DiffusionNFT samples without CFG: set sampler.cfg_scale=1.0 (got {c.sampler.cfg_scale})"
+    lo, hi = (list(c.nft.t_range) + [None, None])[:2]
+    if lo is None or hi is None or not 0.0 <= lo < hi <= 1.0:
+        yield f"nft.t_range must be [lo, hi] with 0 <= lo < hi <= 1, got {list(c.nft.t_range)}"
+    if c.nft.beta <= 0:
+        yield f"nft.beta must be > 0, got {c.nft.beta}"
+    if c.nft.adv_clip_max <= 0:
+        yield f"nft.adv_clip_max must be > 0, got {c.nft.adv_clip_max}"
+    if not 0 <= c.nft.old_decay_max < 1:
+        yield f"nft.old_decay_max must be in [0, 1), got {c.nft.old_decay_max}"
+    if c.nft.kl_weight < 0 or c.nft.old_decay_rate < 0:
+        yield (f"nft.kl_weight ({c.nft.kl_weight}) and nft.old_decay_rate ({c.nft.old_decay_rate}) must be >= 0 "
+               "(a negative weight rewards moving away from the reference)")
+
+
+def draft_problems(c: RecipeConfig):
+    """Yield one message per invalid DRaFT knob."""
+    if c.draft.k > c.sampler.steps:
+        yield f"draft.k={c.draft.k} exceeds sampler.steps={c.sampler.steps}"
+    if c.mode == "stitch" and len(c.rollout.stop_window) == 2 and c.draft.k > c.rollout.stop_window[0]:
+        yield f"draft.k={c.draft.k} is larger than the earliest stop step rollout.stop_window[0]={c.rollout.stop_window[0]}"
+    if c.sampler.sde:
+        yield "DRaFT backpropagates through the ODE sampler: set sampler.sde=false"
+    if c.sampler.cfg_scale != 1.0:
+        yield f"DRaFT differentiates the conditional velocity only: set sampler.cfg_scale=1.0 (got {c.sampler.cfg_scale})"
+
+
+def grpo_problems(c: RecipeConfig):
     """Yield one message per invalid Flow-GRPO knob (every recorded step must lie before every stop)."""
     g, steps = c.grpo, c.sampler.steps
     yield from _choice("grpo.variant", g.variant, ("sde", "cps"))

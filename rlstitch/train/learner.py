@@ -15,9 +15,9 @@ from torch import Tensor
 
 from rlstitch import checkpoint as ckpt
 from rlstitch.train import lora as L
+from rlstitch.train.algorithms import algorithm
 from rlstitch.train.config import RecipeConfig, flow_sampler
 from rlstitch.train.draft import draft_surrogate, truncated_rollout
-from rlstitch.train.grpo_learner import grpo_accumulation, grpo_step
 from rlstitch.train.nft import bridge_point, nft_loss, old_policy_decay, sample_train_times
 from rlstitch.train.policy import REF, Policy
 
@@ -38,9 +38,7 @@ def micro_batches(cfg: RecipeConfig, world_size: int) -> tuple[int, int]:
 def accumulation_steps(cfg: RecipeConfig, world_size: int) -> int:
     """Backward passes per optimizer step on one rank (micro-batches x NFT training times)."""
     per_rank, micro = micro_batches(cfg, world_size)
-    if cfg.algorithm == "grpo":
-        return grpo_accumulation(per_rank, cfg.grpo.timesteps_per_sample, cfg.train.micro_batch)
-    return (per_rank // micro) * (cfg.nft.timesteps_per_sample if cfg.algorithm == "nft" else 1)
+    return algorithm(cfg).accumulation(cfg, per_rank, micro)
 
 
 # ------------------------------------------------------------------------------------------- engines
@@ -152,8 +150,9 @@ class Learner:
 
     def __init__(self, cfg: RecipeConfig, policy: Policy, engine, rank: int = 0, world_size: int = 1,
                  value: ValueGrad | None = None, device: str | torch.device = "cpu"):
-        if cfg.algorithm == "draft" and value is None:
-            raise ValueError("DRaFT needs a value function (z, t, prompts) -> (V, dV/dz)")
+        self.algo = algorithm(cfg)
+        if not self.algo.scored and value is None:
+            raise ValueError(f"{cfg.algorithm} needs a value function (z, t, prompts) -> (V, dV/dz)")
         self.cfg, self.policy, self.engine, self.value = cfg, policy, engine, value
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.steps_done = 0
@@ -187,17 +186,14 @@ class Learner:
         stats: dict[str, float] = {}
         for u, rows in enumerate(self._rows(n, seed_of(self.cfg.train.seed, "shuffle", self.steps_done))):
             gen = torch.Generator().manual_seed(seed_of(self.cfg.train.seed, "noise", self.steps_done, self.rank))
-            if self.cfg.algorithm == "grpo":
-                parts = grpo_step(self, batch, rows, gen, first=u == 0)
-            else:
-                parts = self._nft_step(batch, rows, gen) if self.cfg.algorithm == "nft" else self._draft_step(batch, rows)
+            parts = self.algo.step(self, batch, rows, gen, u == 0)
             self.steps_done += 1
             self._update_ema()
             for k, v in parts.items():  # "..._max" statistics are maxima, the others means over the updates
                 stats[k] = max(stats.get(k, v), v) if k.endswith("_max") else (
                     stats.get(k, 0.0) + v / self.cfg.train.updates_per_iteration)
         stats["grad_norm"] = self.engine.grad_norm
-        if self.cfg.algorithm == "nft":
+        if "old" in self.algo.slots:
             stats["old_decay"] = self._update_old()
         stats["step"] = self.steps_done
         return stats
@@ -285,7 +281,7 @@ class Learner:
         """Published weights: "sample" (what rollouts use: NFT's old policy, DRaFT's and GRPO's current), "current", "ema"."""
         if which == "ema":  # over the current state: full finetuning also publishes the buffers the EMA lacks
             return self.policy.state() | {k: v.detach().cpu().clone() for k, v in self.ema.items()}
-        slot = "old" if which == "sample" and self.cfg.algorithm == "nft" else L.DEFAULT
+        slot = self.algo.sample_slot if which == "sample" else L.DEFAULT
         return self.policy.state(slot)
 
     def base_weights(self) -> dict[str, Tensor]:
@@ -298,7 +294,7 @@ class Learner:
         tensors, scalars = self.engine.optimizer_state()
         out = {"policy": self.policy.state(), "ema": self.weights("ema"), "optimizer": tensors,
                "optimizer_scalars": scalars, "step": self.steps_done}
-        if self.cfg.algorithm == "nft":
+        if "old" in self.algo.slots:
             out["old"] = self.policy.state("old")
         return out
 

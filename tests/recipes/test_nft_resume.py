@@ -62,12 +62,11 @@ def ledger(out: Path) -> list[dict]:
 
 def sequential(argv: list[str]) -> None:
     """The synchronous NFT loop as it was before the pipeline, step by step on the driver's primitives."""
-    from nft_flux import nft_batch
-
     from actors.trainer.loop import due, open_run
     from actors.trainer.report import evaluate
     from actors.trainer.state import draw_batch, save
     from actors.trainer.world import publish
+    from rlstitch.train.algorithms import NFT
 
     cfg, state, world, evals = open_run("nft_flux", argv)
     try:
@@ -75,7 +74,7 @@ def sequential(argv: list[str]) -> None:
             prompts, seeds, stops = draw_batch(cfg, state)
             roll = world.rollouts.collect(world.rollouts.submit("sample", prompts, seeds, stops), state.version)
             reward, _ = world.scorer.value(roll["z"], roll["tau"], prompts)
-            stats = world.learner.update(nft_batch(cfg, roll, reward, prompts))
+            stats = world.learner.update(NFT.batch(cfg, roll, reward, prompts))
             state.iteration, state.version = state.iteration + 1, int(stats["step"])
             publish(world, state.version)
             if due(cfg.eval.every, state.iteration, cfg.iterations):

@@ -104,22 +104,22 @@ def test_a_lost_learner_restarts_the_run_from_its_checkpoint(monkeypatch, tmp_pa
 
     attempts = []
 
-    def train(recipe, argv, algo, fail=2):
+    def train(recipe, argv, fail=2):
         attempts.append(list(argv))
         if len(attempts) <= fail:
             raise LearnerLost("rank 0 lost")
         return {"steps": 3}
 
     monkeypatch.setattr(loop, "train", train)
-    assert loop.run("nft_flux", [f"out={tmp_path}"], None) == {"steps": 3}
+    assert loop.run("nft_flux", [f"out={tmp_path}"]) == {"steps": 3}
     assert attempts[0] == [f"out={tmp_path}"] and attempts[2][-1] == "checkpoint.resume=true"
     attempts.clear()
     with pytest.raises(LearnerLost):
-        loop.run("nft_flux", [f"out={tmp_path}", "checkpoint.restarts=1"], None)
+        loop.run("nft_flux", [f"out={tmp_path}", "checkpoint.restarts=1"])
     assert len(attempts) == 2
     monkeypatch.setattr(loop, "train", lambda *a: (_ for _ in ()).throw(RuntimeError("rank 0 failed in 'update'")))
     with pytest.raises(RuntimeError, match="failed in 'update'"):
-        loop.run("nft_flux", [f"out={tmp_path}"], None)
+        loop.run("nft_flux", [f"out={tmp_path}"])
 
 
 def test_trim_ledger_keeps_the_iterations_before_the_checkpoint(tmp_path):

@@ -8,6 +8,7 @@ import torch
 from rlstitch.config import load_config
 from rlstitch.sampling.flow import FlowSampler
 from rlstitch.train import lora as L
+from rlstitch.train.algorithms import algorithm
 from rlstitch.train.config import RecipeConfig
 from rlstitch.train.learner import Learner, TorchEngine, accumulation_steps
 from rlstitch.train.policy import REF, Policy, PromptStream, draw_stops, sample_to_stops
@@ -29,7 +30,7 @@ def make(cfg: RecipeConfig, value=None) -> Learner:
     clip = ClipReward(tm.build("clip", words, seed=0).eval(), WordTokenizer(words, ccfg["text_cfg"]["context_length"]))
     backbone = FluxBackbone(tm.build("flux", seed=1).eval(), clip.text_condition, name="rand-flux", pack=1)
     policy = Policy(backbone, True, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets,
-                    slots=("old",) if cfg.algorithm == "nft" else ())
+                    slots=algorithm(cfg).slots)
     engine = TorchEngine(policy, policy.trainable_parameters(), cfg, accumulation_steps(cfg, 1))
     return Learner(cfg, policy, engine, value=value)
 
