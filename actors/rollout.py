@@ -21,6 +21,7 @@ from torch import Tensor
 from actors.group import ActorGroup, get_within
 from actors.metrics import record, zero_counters
 from rlstitch.placement import RoleSpec
+from rlstitch.sampling.flow import SDE_SEED_OFFSET, generators
 from rlstitch.sampling.generate import initial_noise
 from rlstitch.train.config import RecipeConfig, flow_sampler, from_dict, pick_dtype
 from rlstitch.train.policy import Policy, sample_to_stops, stop_times
@@ -100,7 +101,7 @@ class RolloutWorker:
         (batch-split invariant)."""
         hw = (self.cfg.model.latent_size, self.cfg.model.latent_size)
         z = initial_noise(self.policy.backbone, len(seeds), hw, seeds).to(self.device)
-        gens = [torch.Generator().manual_seed(int(s) + 7919) for s in seeds] if self.sampler.sde or sde else None
+        gens = generators(seeds, SDE_SEED_OFFSET) if self.sampler.sde or sde else None
         return z, gens
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from rlstitch.models.device import model_device
-from rlstitch.sampling.flow import FlowSampler
+from rlstitch.sampling.flow import SDE_SEED_OFFSET, FlowSampler, generators
 from rlstitch.sampling.generate import cfg_velocity, initial_noise
 
 POTENTIALS = ("diff", "max", "add")
@@ -235,8 +235,8 @@ def fk_steer(backbone, codec, reward, prompts: Sequence[str], cfg: FKConfig, *, 
     rows = [p for p in prompts for _ in range(N)]
     seeds_pn = [s * 100_003 + n for s in seeds for n in range(N)]
     z = initial_noise(backbone, P * N, latent_hw, seeds_pn).to(model_device(backbone))
-    noise_gens = [torch.Generator().manual_seed(s * 100_003 + 7919) for s in seeds]
-    pick_gens = [torch.Generator().manual_seed(s * 100_003 + 104_729) for s in seeds]
+    noise_gens = generators([s * 100_003 for s in seeds], SDE_SEED_OFFSET)
+    pick_gens = generators([s * 100_003 for s in seeds], 104_729)
     res_at, prop_at = set(resample_steps(sampler.steps, cfg.resample_every, cfg.window_start, cfg.window_end)), set(
         proposal_steps(sampler.steps, cfg.proposal_frac) if M > 1 else [])
     grid = sampler.timesteps()

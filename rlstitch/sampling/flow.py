@@ -30,6 +30,15 @@ def time_grid(steps: int, shift: float = 1.0) -> Tensor:
     return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
 
 
+SDE_SEED_OFFSET = 7919  # a sample's SDE noise stream: its seed + this (its initial noise: the seed itself)
+
+
+def generators(seeds: Sequence[int], offset: int = 0) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded with its seed + offset (a sample's noise then does not depend on its
+    batch); offset=SDE_SEED_OFFSET gives the SDE noise streams of samples whose initial noise used `seeds`."""
+    return [torch.Generator().manual_seed(int(s) + offset) for s in seeds]
+
+
 def randn(shape: Sequence[int], generator: Generator, device=None, dtype=torch.float32) -> Tensor:
     """Gaussian noise; a list of generators seeds each batch row separately (batch-split invariant)."""
     if isinstance(generator, Sequence):

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from rlstitch.models.condition import Condition
 from rlstitch.models.device import model_device
-from rlstitch.sampling.flow import FlowSampler, VelocityHook, randn
+from rlstitch.sampling.flow import SDE_SEED_OFFSET, FlowSampler, VelocityHook, generators, randn
 
 
 def cfg_velocity(backbone, cond: Condition, scale: float) -> Callable[[Tensor, float], Tensor]:
@@ -28,8 +28,7 @@ def cfg_velocity(backbone, cond: Condition, scale: float) -> Callable[[Tensor, f
 
 def initial_noise(backbone, n: int, latent_hw: tuple[int, int], seeds: Sequence[int]) -> Tensor:
     """z_1 ~ N(0, I), one generator per sample so a sample's noise does not depend on its batch."""
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    return randn((n, backbone.latent_channels, *latent_hw), gens)
+    return randn((n, backbone.latent_channels, *latent_hw), generators(seeds))
 
 
 def generate(backbone, codec, prompts: Sequence[str], *, sampler: FlowSampler | None = None, cfg_scale: float = 4.0,
@@ -39,7 +38,7 @@ def generate(backbone, codec, prompts: Sequence[str], *, sampler: FlowSampler | 
     sampler = sampler or FlowSampler(steps=20)
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     z = initial_noise(backbone, len(prompts), latent_hw, seeds).to(model_device(backbone))
-    gens = [torch.Generator().manual_seed(int(s) + 7919) for s in seeds] if sampler.sde else None
+    gens = generators(seeds, SDE_SEED_OFFSET) if sampler.sde else None
     with torch.no_grad() if hook is None else torch.enable_grad():
         out = sampler.sample(cfg_velocity(backbone, backbone.encode_prompts(prompts), cfg_scale), z,
                              generator=gens, hook=hook).z

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from rlstitch.models.device import model_device
-from rlstitch.sampling.flow import FlowSampler, VelocityHook
+from rlstitch.sampling.flow import SDE_SEED_OFFSET, FlowSampler, VelocityHook, generators
 from rlstitch.sampling.generate import cfg_velocity, initial_noise
 
 # grad_fn(z, t, prompts) -> (value [B], grad [B, C, H, W]) — a local estimator or a remote value pool.
@@ -82,7 +82,7 @@ def dps_sample(backbone, codec, value_model, prompts: Sequence[str], *, scale: f
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
     z = initial_noise(backbone, len(prompts), latent_hw, seeds).to(model_device(backbone))
     # Same noise streams as rlstitch.sampling.generate, so scale=0 reproduces the unguided sampler exactly.
-    gens = [torch.Generator().manual_seed(int(s) + 7919) for s in seeds] if sampler.sde else None
+    gens = generators(seeds, SDE_SEED_OFFSET) if sampler.sde else None
     trace: list = []
     hook = dps_hook(value_model, prompts, scale, max_coeff, trace) if scale else None
     # The velocity runs without a graph; value_and_grad enables gradients only for V.
