@@ -30,6 +30,7 @@ from pathlib import Path
 import bootstrap  # noqa: F401  (the repository root on sys.path)
 from training_alignment import time_to_reach
 
+from actors.trainer.state import LedgerRow, read_ledger
 from rlstitch.io import atomic_write_text
 
 ROLES = {"RolloutWorker": ("rollout", "tab:blue"), "ValueActor": ("value", "tab:orange"),
@@ -91,11 +92,11 @@ def plot(report: dict, png: Path) -> None:
     fig.savefig(png, dpi=120)
 
 
-def timeline_spans(events: list[dict], ledger: list[dict], start: float, end: float) -> list[tuple[str, str, float, float]]:
+def timeline_spans(events: list[dict], ledger: list[LedgerRow], start: float, end: float) -> list[tuple[str, str, float, float]]:
     """(role, process, start s, end s) between start and end (epoch seconds): rollout and value actor tasks from
     `ray.timeline()`'s Chrome trace events, learner updates from the run's ledger (the driver's wait for them: the
     update runs inside Ray Train's one long worker task, which the timeline shows as a single span)."""
-    spans = [("learner", "learner", t0 - start, t1 - start) for t0, t1 in (r["learned"] for r in ledger)
+    spans = [("learner", "learner", t0 - start, t1 - start) for t0, t1 in (r.learned for r in ledger)
              if start <= t0 and t1 <= end]
     for e in events:
         role = next((r for key, (r, _) in ROLES.items() if str(e.get("cat", "")).startswith(f"task::{key}.")), None)
@@ -161,8 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             events = ray.timeline()
             atomic_write_text(out / "timeline.json", json.dumps(events))  # Chrome trace: chrome://tracing, Perfetto
-            ledger = [json.loads(line) for line in (out / f"staleness{k}" / "ledger.jsonl").read_text().splitlines()]
-            spans = timeline_spans(events, ledger, start, time.time())
+            spans = timeline_spans(events, read_ledger(out / f"staleness{k}" / "ledger.jsonl"), start, time.time())
             plot_timeline(spans, a.timeline, f"Ray timeline, train.async_staleness={k} (tiny world, 2 cores)")
     report = summarise(summaries)
     report |= {"iterations": iterations, "every": every, "overrides": a.overrides}

@@ -208,9 +208,9 @@ def undisturbed(sim, args: list[str], out: Path, timeout: float) -> dict:
 
 def ledger_pairs(out: Path) -> Counter:
     """(prompt, seed) pairs that reached the learner, with how often."""
-    path = out / "ledger.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return Counter((p, s) for r in rows for p, s in zip(r["prompts"], r["seeds"]))
+    from actors.trainer.state import read_ledger
+
+    return Counter((p, s) for r in read_ledger(out / "ledger.jsonl") for p, s in zip(r.prompts, r.seeds))
 
 
 def same_weights(a: Path, b: Path) -> bool:

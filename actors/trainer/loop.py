@@ -27,7 +27,6 @@ the ledger then drops the iterations the lost learner had trained past that chec
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -47,7 +46,17 @@ from actors.trainer.pipeline import (
     submit,
 )
 from actors.trainer.report import eval_set, evaluate, finish, log_iteration
-from actors.trainer.state import Draw, RunState, new_state, peek_resume, restore, save, trim_ledger
+from actors.trainer.state import (
+    Draw,
+    LedgerRow,
+    RunState,
+    append_ledger,
+    new_state,
+    peek_resume,
+    restore,
+    save,
+    trim_ledger,
+)
 from actors.trainer.world import World, parse, publish, start
 from rlstitch.train.algorithms import algorithm
 from rlstitch.train.config import RecipeConfig
@@ -180,9 +189,7 @@ class Trainer:
 
     def record(self, d: Draw, learned: list[float]) -> None:
         """Append the draw that reached the learner to the ledger (append-only, like metrics.jsonl)."""
-        with open(self.ledger, "a") as f:
-            f.write(json.dumps({"iteration": d.iteration, "version": d.version, "step": self.state.version,
-                                "prompts": d.prompts, "seeds": d.seeds, "learned": learned}) + "\n")
+        append_ledger(self.ledger, LedgerRow(d.iteration, d.version, self.state.version, d.prompts, d.seeds, learned))
 
     def evaluate(self) -> None:
         """When due: finish the work in flight (timed as training), then evaluate."""

@@ -5,7 +5,7 @@ Moved from recipes/driver.py (DriverState -> RunState) and recipes/pipeline.py (
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,10 +109,34 @@ def draw_batch(cfg: RecipeConfig, state: RunState) -> tuple[list[str], list[int]
 
 
 
+@dataclass
+class LedgerRow:
+    """One line of <out>/ledger.jsonl: a draw that reached the learner (missing fields: defaults)."""
+
+    iteration: int = 0
+    version: int = 0  # the weights it was sampled with
+    step: int = 0  # the learner step after its update
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    learned: list[float] = field(default_factory=list)  # epoch seconds [start, end] of the update
+
+
+def read_ledger(path: str | Path) -> list[LedgerRow]:
+    """The ledger's rows in order (none when the file is missing): the one reader of ledger.jsonl."""
+    path = Path(path)
+    return [LedgerRow(**json.loads(line)) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def append_ledger(path: str | Path, row: LedgerRow) -> None:
+    """Append one row (an append-only log, like metrics.jsonl)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(asdict(row)) + "\n")
+
+
 def trim_ledger(path: Path, iterations: int) -> None:
     """Keep the ledger's draws of the first `iterations` iterations (a resumed run's learner has trained exactly
     those; a lost learner may have trained past its checkpoint)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if json.loads(line)["iteration"] < iterations]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    keep = [row for row in read_ledger(path) if row.iteration < iterations]
+    atomic_write_text(path, "".join(json.dumps(asdict(row)) + "\n" for row in keep))

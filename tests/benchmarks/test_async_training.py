@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from async_training import summarise, timeline_spans
 
+from actors.trainer.state import LedgerRow
+
 
 def run(points: list[tuple[float, float]], iterations: int, train_s: float) -> dict:
     """A recipe summary whose history is (wall_s, clean_reward) points."""
@@ -28,6 +30,6 @@ def test_timeline_spans_keep_the_roles_inside_the_window():
     events = [ev("task::RolloutWorker.sample", 101, 2, "w1"), ev("task::ValueActor.value_of", 103, 1, "w2"),
               ev("task::_QueueActor.get", 102, 1, "w4"), ev("task::RolloutWorker.sample", 90, 2, "w1"),
               ev("task::RolloutWorker.__init__", 100.5, 0.1, "w1"), {"ph": "M", "name": "thread_name", "tid": "w1"}]
-    ledger = [{"learned": [102.0, 103.5]}, {"learned": [95.0, 96.0]}]
+    ledger = [LedgerRow(learned=[102.0, 103.5]), LedgerRow(learned=[95.0, 96.0])]
     assert timeline_spans(events, ledger, 100.0, 110.0) == [("learner", "learner", 2.0, 3.5), ("rollout", "w1", 1.0, 3.0),
                                                             ("value", "w2", 3.0, 4.0)]

@@ -57,7 +57,11 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 def ledger(out: Path) -> list[dict]:
     """The draws that reached the learner, in order."""
-    return [json.loads(line) for line in (out / "ledger.jsonl").read_text().splitlines()]
+    from dataclasses import asdict
+
+    from actors.trainer.state import read_ledger
+
+    return [asdict(row) for row in read_ledger(out / "ledger.jsonl")]
 
 
 def sequential(argv: list[str]) -> None:
