@@ -24,9 +24,10 @@ from rlstitch.models.tokenizer import WordTokenizer
 TINY_DIR = Path(__file__).resolve().parent.parent / "tinyworld" / "weights"
 
 
-def tiny_root() -> Path:
-    """Where the tiny world's weights live: $RLSTITCH_TINY_DIR (tests, rebuilt worlds) or the package's copy."""
-    return Path(os.environ.get("RLSTITCH_TINY_DIR") or TINY_DIR)
+def tiny_root(tiny_dir: str | Path | None = None) -> Path:
+    """Where the tiny world's weights live: `tiny_dir` when given, else $RLSTITCH_TINY_DIR (tests, rebuilt
+    worlds), else the package's copy."""
+    return Path(tiny_dir or os.environ.get("RLSTITCH_TINY_DIR") or TINY_DIR)
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -107,9 +108,9 @@ def _missing(name: str, where: str, hint: str, cause: BaseException | None = Non
     )
 
 
-def _tiny_dir(folder: str, path: str | Path | None) -> Path:
-    """The folder of a tiny-world model, checked for its files."""
-    d = Path(path) if path else tiny_root() / folder
+def _tiny_dir(folder: str, path: str | Path | None, tiny_dir: str | Path | None = None) -> Path:
+    """The folder of a tiny-world model (under `tiny_dir` or tiny_root()), checked for its files."""
+    d = Path(path) if path else tiny_root(tiny_dir) / folder
     if not (d / "config.json").is_file():
         raise _missing(f"tiny-{folder}", str(d), "nothing: run `python -m rlstitch.tinyworld.build`")
     return d
@@ -134,14 +135,15 @@ def _from_pretrained(cls, name: str, source: str, hub: str, subfolder: str, dtyp
         raise _missing(name, f"{source} (subfolder {subfolder}/)", f"the hub repo {hub!r}", e) from e
 
 
-def load_codec(name: str, path: str | None = None, dtype=torch.float32, device="cpu", allow_download=False):
-    """A LatentCodec by registry name."""
+def load_codec(name: str, path: str | None = None, dtype=torch.float32, device="cpu", allow_download=False,
+               tiny_dir: str | Path | None = None):
+    """A LatentCodec by registry name (tiny ones from `tiny_dir`, default tiny_root())."""
     from diffusers import AutoencoderKL
 
     if name not in CODECS:
         raise KeyError(f"unknown codec {name!r}; known: {sorted(CODECS)}")
     if name.startswith("tiny-"):
-        vae = AutoencoderKL.from_pretrained(_tiny_dir(CODECS[name], path), torch_dtype=dtype, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(_tiny_dir(CODECS[name], path, tiny_dir), torch_dtype=dtype, use_safetensors=True)
     else:
         vae = _from_pretrained(AutoencoderKL, name, path or CODECS[name], CODECS[name], "vae", dtype, allow_download)
     return LatentCodec(vae.to(device).eval().requires_grad_(False), name=name)
@@ -227,14 +229,15 @@ def _open_clip(name: str, path: str | None, dtype, device):
     return model.to(device, dtype).eval().requires_grad_(False), open_clip.get_tokenizer(arch)
 
 
-def load_reward(name: str, path: str | None = None, dtype=torch.float32, device="cpu"):
-    """A frozen PixelReward by registry name."""
+def load_reward(name: str, path: str | None = None, dtype=torch.float32, device="cpu",
+                tiny_dir: str | Path | None = None):
+    """A frozen PixelReward by registry name (tiny ones from `tiny_dir`, default tiny_root())."""
     if name in ("tiny-clip", "tiny-aesthetic"):
-        clip, tok, cfg = _tiny_clip(_tiny_dir("clip", path if name == "tiny-clip" else None), dtype, device)
+        clip, tok, cfg = _tiny_clip(_tiny_dir("clip", path if name == "tiny-clip" else None, tiny_dir), dtype, device)
         kw = dict(mean=cfg.get("mean", OPENAI_MEAN), std=cfg.get("std", OPENAI_STD), name=name)
         if name == "tiny-clip":
             return ClipReward(clip, tok, **kw)
-        d = _tiny_dir("aesthetic", path)
+        d = _tiny_dir("aesthetic", path, tiny_dir)
         head = load_aesthetic_head(d / "model.safetensors", json.loads((d / "config.json").read_text())["hidden"])
         return AestheticReward(clip, tok, head.to(device, dtype), **kw).eval().requires_grad_(False)
     if name in CLIP_REWARDS:

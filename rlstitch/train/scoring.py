@@ -7,7 +7,6 @@ weights): a Ray actor handed one rebuilds it from the registry, on its own GPU w
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -33,11 +32,10 @@ class CleanReward(ValueEstimator):
         """Load the codec and reward by registry name (device auto: cuda when this process sees a GPU)."""
         from rlstitch.models.registry import load_codec, load_reward, resolve_device
 
-        if tiny_dir:
-            os.environ["RLSTITCH_TINY_DIR"] = tiny_dir
         dev = resolve_device(device, "reward device")
         names = (codec, codec_path, reward, reward_path, tiny_dir, device)
-        return cls(load_codec(codec, codec_path, device=dev), load_reward(reward, reward_path, device=dev), names).eval()
+        return cls(load_codec(codec, codec_path, device=dev, tiny_dir=tiny_dir),
+                   load_reward(reward, reward_path, device=dev, tiny_dir=tiny_dir), names).eval()
 
     def __reduce__(self):
         """Ship the registry names, not the weights (only registry-built instances can be pickled)."""
