@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from rlstitch.train.ds_config import deepspeed_config
+
 RUN_NAME = "finetune"  # Ray Train run under <out>/ray_train: the same out resumes the same run
 DS_TAG = "ds"  # DeepSpeed's checkpoint tag inside each reported checkpoint
 STATE_FILE = "train_state.json"
@@ -39,20 +41,6 @@ class FinetuneJob:
     env: dict = field(default_factory=dict)
     tags: dict = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)  # extra manifest fields of the final artifact (fit, config)
-
-
-def ds_config(micro_batch: int, world: int, zero_stage: int, bf16: bool) -> dict:
-    """DeepSpeed config: one micro batch per step per rank, ZeRO stage, optional bf16 (fp32 otherwise)."""
-    return {
-        "train_batch_size": micro_batch * world,
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": zero_stage},
-        # Our AdamW has two groups (stitch at lr x5); DeepSpeed only vouches for its own optimizers.
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 10**9,  # progress is ours (tqdm on rank 0, Ray metrics)
-    }
 
 
 def rank_slice(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -160,7 +148,7 @@ def train_loop(config: dict) -> None:
     # they need no broadcast (DeepSpeed's cannot send 0-d parameters such as CLIP's logit_scale anyway).
     trained = torch.nn.ModuleDict(vm.trainable_modules())
     engine, opt, _, _ = deepspeed.initialize(model=trained, optimizer=make_optimizer(vm, cfg),
-                                             config=ds_config(micro, world, job.zero_stage, job.bf16),
+                                             config=deepspeed_config(micro, 1, world, job.zero_stage, job.bf16),  # no accumulation
                                              dist_init_required=False)
     g = torch.Generator().manual_seed(cfg.seed + 7919 * rank)  # a different data stream per rank
     start, history = restore_state(engine, g, rank, world)

@@ -18,6 +18,7 @@ from rlstitch.train import lora as L
 from rlstitch.train.algorithms import algorithm
 from rlstitch.train.config import RecipeConfig, flow_sampler
 from rlstitch.train.draft import draft_surrogate, truncated_rollout
+from rlstitch.train.ds_config import deepspeed_config
 from rlstitch.train.nft import bridge_point, nft_loss, old_policy_decay, sample_train_times
 from rlstitch.train.policy import REF, Policy
 
@@ -90,17 +91,7 @@ class DeepSpeedEngine:
             # DeepSpeed's shared-memory all-reduce op only speeds up several CPU ranks; one rank skips its C++ build.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         _, micro = micro_batches(cfg, world_size)
-        zero = {"stage": cfg.train.zero_stage}
-        if cfg.train.zero_stage:
-            # gloo has no reduce-scatter: ZeRO falls back to all-reduce on CPU.
-            zero |= {"reduce_scatter": backend == "nccl", "overlap_comm": backend == "nccl",
-                     "contiguous_gradients": True}
-        config = {
-            "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas,
-            "train_batch_size": micro * gas * world_size, "gradient_clipping": cfg.train.grad_clip,
-            "zero_optimization": zero, "bf16": {"enabled": bf16}, "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9, "wall_clock_breakdown": False,
-        }
+        config = deepspeed_config(micro, gas, world_size, cfg.train.zero_stage, bf16, cfg.train.grad_clip, backend)
         opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=config,
                                                                  dist_init_required=False)
