@@ -288,12 +288,17 @@ class ValueClient:
 
 
 class ValueActorPool:
-    """N value actors placed through one ActorGroup (role "value"), load-balanced by a ValueClient."""
+    """N value actors placed through one ActorGroup (role "value"), load-balanced by a ValueClient; named
+    `label`-<rank> on the dashboard (default "value"). `estimator` (e.g. a lazily rebuilt CleanReward) replaces
+    the one the spec would build."""
 
     def __init__(self, spec: ValueSpec | Mapping | None = None, role: RoleSpec | None = None,
-                 policy: str = "least_loaded", tags: Mapping[str, str] | None = None, timeout_s: float = 1800.0):
+                 policy: str = "least_loaded", tags: Mapping[str, str] | None = None, timeout_s: float = 1800.0,
+                 label: str | None = None, estimator=None):
         self.spec = as_spec(spec)
-        self.group = ActorGroup(ValueActor, role or RoleSpec(), asdict(self.spec), tags=dict(tags or {}), role="value")
+        kwargs = {"estimator": estimator} if estimator is not None else {}
+        self.group = ActorGroup(ValueActor, role or RoleSpec(), asdict(self.spec), tags=dict(tags or {}), role="value",
+                                label=label, **kwargs)
         self.client = ValueClient(self.group.workers, policy, timeout_s)
 
     def __len__(self) -> int:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from actors.group import ActorGroup
 from actors.learner import LearnerGroup
 from actors.rollout import RolloutGroup
 from actors.runtime import init_ray
-from actors.value import ValueActor, ValueClient, ValueSpec
+from actors.value import ValueActorPool, ValueClient, ValueSpec
 from rlstitch.config import load_recipe_config, to_dict
 from rlstitch.models.registry import BACKBONES
 from rlstitch.placement import RoleSpec
@@ -57,12 +56,12 @@ class World:
 
 
 def _value_pool(cfg: RecipeConfig, spec: ValueSpec, estimator, tags: dict,
-                label: str) -> tuple[ValueClient, ActorGroup]:
+                label: str) -> tuple[ValueClient, ValueActorPool]:
     """Value actors of the "value" role hosting one estimator (a ValueSpec, or a lazily rebuilt CleanReward),
     named `label`-<rank> on the dashboard."""
-    kwargs = {"estimator": estimator} if estimator is not None else {}
-    group = ActorGroup(ValueActor, role(cfg, "value"), asdict(spec), tags=tags, role="value", label=label, **kwargs)
-    return ValueClient(group.workers, timeout_s=cfg.train.timeout_s), group
+    pool = ValueActorPool(spec, role(cfg, "value"), tags=tags, timeout_s=cfg.train.timeout_s, label=label,
+                          estimator=estimator)
+    return pool.client, pool
 
 
 def build_scorers(cfg: RecipeConfig, tags: dict) -> tuple[Scorer, Scorer, list]:
