@@ -66,8 +66,9 @@ log = logging.getLogger("rlstitch.trainer")
 
 
 def run(recipe: str, argv: list[str] | None = None) -> dict:
-    """Train a recipe (its algorithm: the config's, from rlstitch/train/algorithms.py); returns the run summary (untrained and final clean reward, history of evaluations). A lost
-    learner restarts the run from its latest checkpoint, at most checkpoint.restarts times."""
+    """Train a recipe with its config's algorithm (rlstitch/train/algorithms.py); returns the run summary
+    (untrained and final clean reward, history of evaluations). A lost learner restarts the run from its latest
+    checkpoint, at most checkpoint.restarts times."""
     argv = list(sys.argv[1:] if argv is None else argv)
     restarts, attempt = parse(recipe, argv).checkpoint.restarts, 0
     while True:
@@ -91,7 +92,7 @@ def train(recipe: str, argv: list[str]) -> dict:
 
 
 def open_run(recipe: str, argv: list[str] | None) -> tuple[RecipeConfig, RunState, World, tuple[list, list]]:
-    """Config, actors and driver state of a run: resumed from its last checkpoint if any, the rollout workers
+    """Config, actors and run state of a run: resumed from its last checkpoint if any, the rollout workers
     given the full weights, and the untrained generator evaluated on a fresh run. Returns (cfg, state, world,
     (eval prompts, eval seeds)); the caller shuts the world down."""
     cfg = parse(recipe, argv)
@@ -111,7 +112,6 @@ def open_run(recipe: str, argv: list[str] | None) -> tuple[RecipeConfig, RunStat
         world.shutdown()
         raise
     return cfg, state, world, evals
-
 
 
 def due(every: int, iteration: int, total: int) -> bool:
