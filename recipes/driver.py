@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,9 +24,11 @@ from actors.runtime import init_ray
 from actors.value import ValueActor, ValueClient, ValueSpec
 from rlstitch.config import load_recipe_config, to_dict
 from rlstitch.data.prompts import load_prompts
-from rlstitch.models.registry import BACKBONES
+from rlstitch.models.registry import BACKBONES, stitch_dir
 from rlstitch.placement import RoleSpec
+from rlstitch.stitch.artifact import read_manifest
 from rlstitch.train.config import RecipeConfig
+from rlstitch.train.cost import add_work, cost_table, latent_tokens, models_for
 from rlstitch.train.policy import VOCABULARY, PromptStream, draw_stops
 from rlstitch.train.run import RunLogger, find_resume, image_grid, load_run, save_run
 from rlstitch.train.scoring import LazyCleanReward, Scorer
@@ -53,6 +56,7 @@ class World:
     log: RunLogger
     tags: dict
     groups: list = field(default_factory=list)
+    costs: dict = field(default_factory=dict)  # unit ("gpu_s", "cpu_s") -> CostModel pricing the counted work
 
     def shutdown(self) -> None:
         """Stop every actor group (the learner first: its trainer thread waits on queues)."""
@@ -78,6 +82,7 @@ def build_scorers(cfg: RecipeConfig, tags: dict) -> tuple[Scorer, Scorer, list]:
     codec = BACKBONES[cfg.model.backbone].vae if cfg.model.codec == "auto" else cfg.model.codec
     pools: dict[tuple, ValueClient] = {}
     groups = []
+    ops: dict[int, tuple] = {}  # id(client) -> the work ops of one scored row (forward, backward)
 
     def clean(name: str, path: str | None) -> ValueClient:
         key = ("clean", name, path)
@@ -86,6 +91,7 @@ def build_scorers(cfg: RecipeConfig, tags: dict) -> tuple[Scorer, Scorer, list]:
             spec = ValueSpec(kind="tweedie", backbone=cfg.model.backbone, reward=name, reward_path=path, tiny_dir=tiny)
             lazy = LazyCleanReward(codec, cfg.model.codec_path, name, path, tiny)
             pools[key], g = _value_pool(cfg, spec, lazy, tags, f"value-clean-{name}")
+            ops[id(pools[key])] = (("decode", "reward"), ("decode_reward_bwd",))
             groups.append(g)
         return pools[key]
 
@@ -94,6 +100,8 @@ def build_scorers(cfg: RecipeConfig, tags: dict) -> tuple[Scorer, Scorer, list]:
                          reward_path=path, stitch=artifact, tiny_dir=tiny)
         client, g = _value_pool(cfg, spec, None, tags, f"value-stitch-{name}")
         groups.append(g)
+        i = read_manifest(stitch_dir(artifact))["i"]
+        ops[id(client)] = ((f"value_fwd/i={i}",), (f"value_bwd/i={i}",))
         return client
 
     paths = list(cfg.reward.paths) or [None] * len(cfg.reward.names)
@@ -103,7 +111,8 @@ def build_scorers(cfg: RecipeConfig, tags: dict) -> tuple[Scorer, Scorer, list]:
     eval_paths = list(cfg.eval.reward_paths) or [None] * len(cfg.eval.rewards)
     evals = {name: clean(name, path) for name, path in zip(cfg.eval.rewards, eval_paths)}
     weights = dict(zip(cfg.reward.names, cfg.reward.weights))
-    return Scorer(train, weights), Scorer(evals, {k: 1.0 for k in evals}), groups
+    return (Scorer(train, weights, {k: ops[id(c)] for k, c in train.items()}),
+            Scorer(evals, {k: 1.0 for k in evals}, {k: ops[id(c)] for k, c in evals.items()}), groups)
 
 
 def start(cfg: RecipeConfig, resume_id: str | None = None, start_iteration: int = 0) -> World:
@@ -126,7 +135,8 @@ def start(cfg: RecipeConfig, resume_id: str | None = None, start_iteration: int 
     value = scorer if cfg.algorithm == "draft" else None
     learner = LearnerGroup(cfg, role(cfg, "learner"), tags | {"role": "learner"}, value=value, tiny_dir=tiny,
                            storage=out / "ray_train")
-    return World(cfg, rollouts, learner, scorer, eval_scorer, log, tags, groups)
+    costs = models_for(cfg.model.backbone, latent_tokens(cfg.model.backbone, cfg.model.latent_size))
+    return World(cfg, rollouts, learner, scorer, eval_scorer, log, tags, groups, costs)
 
 
 # --------------------------------------------------------------------------------------------- state
@@ -147,6 +157,7 @@ class DriverState:
     # sampled with ({version: adapter}); the pipeline re-submits them first
     in_flight: list = field(default_factory=list)
     in_flight_weights: dict = field(default_factory=dict)
+    work: Counter = field(default_factory=Counter)  # counted training work so far, {op: rows} (rlstitch/train/cost.py)
 
 
 def new_state(cfg: RecipeConfig) -> DriverState:
@@ -179,6 +190,7 @@ def restore(world: World, state: DriverState, path: Path) -> None:
     state.train_s = float(info.get("train_s", 0.0))
     state.wandb_id = info.get("wandb_id")
     state.in_flight = list(info.get("in_flight", []))
+    state.work = Counter({k: float(v) for k, v in info.get("work", {}).items()})
     state.in_flight_weights = {int(name.split("-")[1]): t for name, t in extra.items() if name.startswith("sampled-")}
     world.log.info(f"resumed from {path}: iteration {state.iteration}, step {state.version}, "
                    f"epoch {state.prompts.epoch} (+{state.prompts.offset} prompts), {len(state.in_flight)} draws in flight")
@@ -191,7 +203,7 @@ def save(world: World, state: DriverState, in_flight: list[dict] = (), weights: 
     path = save_run(checkpoint_dir(world.cfg), state.iteration, world.learner.state(), state.rng,
                     keep=world.cfg.checkpoint.keep, extra={f"sampled-{v}": w for v, w in (weights or {}).items()},
                     iteration=state.iteration, data=state.prompts.state(), history=state.history,
-                    train_s=state.train_s, wandb_id=world.log.run_id, config=to_dict(world.cfg),
+                    train_s=state.train_s, work=dict(state.work), wandb_id=world.log.run_id, config=to_dict(world.cfg),
                     in_flight=list(in_flight))
     world.log.info(f"checkpoint: {path}")
     return path
@@ -224,6 +236,7 @@ def evaluate(world: World, state: DriverState, prompts: list[str], seeds: list[i
     first = cfg.eval.rewards[0]
     r = parts[first].float().flatten()
     row = {"iteration": state.iteration, "step": state.version, "wall_s": round(state.train_s, 2),
+           **{u: round(sum(m.seconds(state.work).values()), 4) for u, m in world.costs.items()},
            "clean_reward": float(r.mean()),
            # the standard error of the mean over the held-out prompts (one sample each), and the per-prompt
            # scores (same prompts and noise at every evaluation: paired comparisons between evaluations)
@@ -240,10 +253,21 @@ def evaluate(world: World, state: DriverState, prompts: list[str], seeds: list[i
     return row
 
 
+def count_work(world: World, state: DriverState, work: dict) -> dict:
+    """Add an iteration's counted work to the run's; returns its metrics: work/<op> rows, cost/<unit> of the
+    iteration and cost/<unit>_total of the run so far."""
+    add_work(state.work, work)
+    metrics = {f"work/{k}": float(v) for k, v in work.items()}
+    for unit, model in world.costs.items():
+        metrics[f"cost/{unit}"] = sum(model.seconds(work).values())
+        metrics[f"cost/{unit}_total"] = sum(model.seconds(state.work).values())
+    return metrics
+
+
 def log_iteration(world: World, state: DriverState, stats: dict, reward_parts: dict, reward, tau, sync: dict,
-                  seconds: dict) -> None:
+                  seconds: dict, extra: dict | None = None) -> None:
     """One line of training metrics per iteration (wandb, jsonl, dashboard, progress bar)."""
-    metrics = {f"train/{k}": v for k, v in stats.items() if k != "step"}
+    metrics = {f"train/{k}": v for k, v in stats.items() if k != "step"} | (extra or {})
     # Population std: a DRaFT iteration may score a single rollout, whose sample std is undefined (NaN).
     metrics |= {"time/train_s": state.train_s, "train/reward_mean": float(reward.mean()),
                 "train/reward_std": float(reward.std(correction=0)),
@@ -254,6 +278,8 @@ def log_iteration(world: World, state: DriverState, stats: dict, reward_parts: d
                 **{f"time/{k}": v for k, v in seconds.items()}}
     world.log.log(metrics, step=state.version)
     record("rlstitch_reward_mean", float(reward.mean()), world.tags | {"role": "driver"})
+    if "cost/gpu_s_total" in metrics:
+        record("rlstitch_cost_gpu_s_total", metrics["cost/gpu_s_total"], world.tags | {"role": "driver"})
     world.log.advance({"step": state.version, "reward": float(reward.mean()), "loss": stats.get("loss", 0.0)})
 
 
@@ -261,7 +287,10 @@ def finish(world: World, state: DriverState, wall_s: float) -> dict:
     """Final summary: untrained vs final clean reward, steps, wall times (training only, and this process's
     loop including evaluations); always written."""
     hist = state.history
-    summary = {"recipe": world.cfg.recipe, "mode": world.cfg.mode, "steps": state.version,
+    costs = {u: round(sum(m.seconds(state.work).values()), 3) for u, m in world.costs.items()}
+    world.log.info("compute of the run's training iterations (counted work x rlstitch/train/cost_table.json):\n"
+                   + cost_table(state.work, world.costs))
+    summary = {"cost": costs, "work": dict(state.work),"recipe": world.cfg.recipe, "mode": world.cfg.mode, "steps": state.version,
                "iterations": state.iteration, "epochs": state.prompts.epoch + state.prompts.offset / len(state.prompts.prompts),
                "train_s": round(state.train_s, 1), "loop_s": round(wall_s, 1), "untrained_clean_reward": hist[0]["clean_reward"] if hist else None,
                "final_clean_reward": hist[-1]["clean_reward"] if hist else None, "history": hist}

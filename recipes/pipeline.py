@@ -28,14 +28,24 @@ import json
 import logging
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
 import torch
-from driver import DriverState, World, draw_batch, end_iteration, finish, log_iteration, open_run, publish
+from driver import (
+    DriverState,
+    World,
+    count_work,
+    draw_batch,
+    end_iteration,
+    finish,
+    log_iteration,
+    open_run,
+    publish,
+)
 from driver import parse as parse_config
 
 from actors.learner import LearnerLost
@@ -151,6 +161,50 @@ def scores(world: World, algo: Algorithm, job: dict, roll: dict, prompts: list[s
     return world.scorer.value(roll["z"], roll["tau"], prompts) if algo.scored else (None, {})
 
 
+def iteration_work(world: World, algo: Algorithm, roll: dict, stats: dict, rows: int) -> dict:
+    """An iteration's counted work: the rollout workers' denoiser rows, the scores (value or clean reward of every
+    rollout), the learner's forwards/backwards and DRaFT's value gradients (popped from the learner's stats)."""
+    learned = {k.removeprefix("work/"): stats.pop(k) for k in [k for k in stats if k.startswith("work/")]}
+    work = Counter(roll.get("work", {}))
+    work.update(world.scorer.work(rows) if algo.scored else {})
+    work.update(world.scorer.work(int(learned.pop("value_grad", 0)), grad=True))
+    work.update(learned)
+    return {k: v for k, v in work.items() if v}
+
+
+def rank_fidelity(world: World, algo: Algorithm, d: Draw, reward: torch.Tensor) -> dict:
+    """nft.rank_every: diag/rank_spearman, the Spearman correlation within each prompt group of the training score
+    V(z_tau) with the clean reward of the same rollout run on to t=0 (first nft.rank_groups groups; the weights
+    published now, those of the draw at staleness 0). Diagnostic work, not counted as training compute."""
+    cfg = world.cfg
+    every = cfg.nft.rank_every if cfg.algorithm == "nft" and cfg.mode == "stitch" else 0
+    if not every or d.iteration % every:
+        return {}
+    n = cfg.nft.rank_groups * cfg.rollout.group_size
+    tasks = world.rollouts.submit(algo.method, d.prompts[:n], d.seeds[:n], [cfg.sampler.steps] * n)
+    z0 = world.rollouts.collect(tasks, state_version(tasks))["z"]
+    _, parts = world.eval_scorer.value(z0, 0.0, d.prompts[:n])
+    clean = parts[cfg.eval.rewards[0]].float()
+    rho = [spearman(a, b) for a, b in zip(reward[:n].float().view(-1, cfg.rollout.group_size),
+                                          clean.view(-1, cfg.rollout.group_size))]
+    return {"diag/rank_spearman": float(sum(rho) / len(rho))}
+
+
+def state_version(tasks: list) -> int:
+    """The weight version the given (finished) rollout tasks sampled with."""
+    return int(ray.get(tasks[0][0])["version"])
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two 1-D tensors (ties broken by order; 0 when either is constant)."""
+    if bool((a == a[0]).all()) or bool((b == b[0]).all()):
+        return 0.0
+    ra, rb = (x.argsort().argsort().double() for x in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else 0.0
+
+
 def restore_in_flight(world: World, state: DriverState, pipe: Pipeline) -> None:
     """Re-submit a checkpoint's draws in flight under the weights they were first sampled with (the caller then
     publishes the learner's current sampling weights, which the next draws are sampled with)."""
@@ -232,6 +286,8 @@ def train(recipe: str, argv: list[str], algo: Algorithm) -> dict:
             stats = world.learner.update(algo.batch(cfg, roll, reward, d.prompts))
             learned = [round(learn_at, 3), round(time.time(), 3)]  # epoch seconds: a timeline's learner spans
             stats |= staleness_stats(roll["versions"], state.version, U, k)
+            work = iteration_work(world, algo, roll, stats, len(d.prompts))
+            diag = rank_fidelity(world, algo, d, reward) if reward is not None else {}
             state.iteration, state.version = state.iteration + 1, int(stats["step"])
 
             # 3. weight sync: the new sampling weights, put once in the object store, loaded between iterations
@@ -246,7 +302,8 @@ def train(recipe: str, argv: list[str], algo: Algorithm) -> dict:
                 reward = torch.tensor([stats["value"]])
             log_iteration(world, state, stats, parts, reward, roll["tau"], sync,
                           {"rollout_s": t1 - t0, "score_s": t2 - t1, "learn_s": t3 - t2,
-                           "sync_s": time.perf_counter() - t3, "denoise_steps": roll["denoise_steps"]})
+                           "sync_s": time.perf_counter() - t3, "denoise_steps": roll["denoise_steps"]},
+                          count_work(world, state, work) | diag)
             end_iteration(world, state, evals, lambda: settle(world, state, pipe), lambda: adapters(pipe))
         return finish(world, state, time.perf_counter() - t_run)
     finally:
