@@ -214,8 +214,10 @@ class LearnerGroup:
     def update(self, batch: dict) -> dict:
         """One iteration's optimizer steps on every rank; rank-averaged statistics ("..._max" ones: the maximum)."""
         results = self._call("update", batch=ray.put(batch))
+        # maxima, counted work (summed over ranks) and means
         stats = {k: max(float(r[k]) for r in results) if k.endswith("_max") else
-                 sum(float(r[k]) for r in results) / len(results) for k in results[0]}
+                 sum(float(r.get(k, 0.0)) for r in results) if k.startswith("work/") else
+                 sum(float(r[k]) for r in results) / len(results) for k in dict.fromkeys(k for r in results for k in r)}
         stats["step"] = int(results[0]["step"])
         record("rlstitch_learner_step_s", stats["learner_step_s"], self.tags | {"role": "learner"})
         return stats

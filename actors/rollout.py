@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import ray
@@ -24,7 +25,8 @@ from rlstitch.placement import RoleSpec
 from rlstitch.sampling.flow import SDE_SEED_OFFSET, generators
 from rlstitch.sampling.generate import initial_noise
 from rlstitch.train.config import RecipeConfig, flow_sampler, from_dict, pick_dtype
-from rlstitch.train.policy import Policy, sample_to_stops, stop_times
+from rlstitch.train.cost import delta
+from rlstitch.train.policy import Policy, continue_to_end, sample_to_stops, stop_times
 
 EVAL = "evaluation"  # the adapter slot evaluations sample with (current or EMA weights); "eval" is taken by nn.Module
 ROLLOUT_COUNTERS = ("rlstitch_rollouts_total", "rlstitch_denoise_steps_total", "rlstitch_denoise_steps_saved_total")
@@ -117,11 +119,21 @@ class RolloutWorker:
         k = int(job.get("draft_k") or 0)
         run_to = [max(s - k, 0) for s in stops]
         z, gens = self._noise(seeds)
-        z = sample_to_stops(self._velocity(prompts, "default"), z, self.sampler, run_to, gens)
+        before = dict(self.policy.backbone.work)
+        velocity = self._velocity(prompts, "default")
+        z = sample_to_stops(velocity, z, self.sampler, run_to, gens)
         done = sum(run_to)
+        out = {"z": z.float().cpu(), "tau": stop_times(self.sampler, stops), "stops": torch.tensor(stops)}
+        if "full" in job:  # nft.full_share: these also roll on to t=0, the anchor the learner trains on
+            full = torch.tensor(job["full"], dtype=torch.bool)
+            starts = [s if f else self.sampler.steps for s, f in zip(stops, job["full"])]
+            z0 = continue_to_end(velocity, z, self.sampler, starts, gens)
+            out |= {"z_anchor": torch.where(full[:, None, None, None], z0.float().cpu(), out["z"]),
+                    "tau_anchor": torch.where(full, torch.zeros(()), out["tau"])}
+            done += sum(self.sampler.steps - s for s in starts)
         self._record(len(prompts), done, self.sampler.steps * len(prompts) - sum(stops))
-        return {"z": z.float().cpu(), "tau": stop_times(self.sampler, stops), "stops": torch.tensor(stops),
-                "version": self.versions["default"], "rank": self.rank, "denoise_steps": done}
+        return out | {"version": self.versions["default"], "rank": self.rank, "denoise_steps": done,
+                      "work": delta(self.policy.backbone.work, before)}
 
     @torch.no_grad()
     def sample_grpo(self, job: Mapping) -> dict:
@@ -135,12 +147,13 @@ class RolloutWorker:
         prompts, seeds, stops = list(job["prompts"]), list(job["seeds"]), list(job["stops"])
         z, gens = self._noise(seeds, sde=True)
         g = self.cfg.grpo
+        before = dict(self.policy.backbone.work)
         rec = sample_recorded(self._velocity(prompts, "default", one_by_one=True), z, self.sampler.timesteps(), stops,
                               tuple(job["window"]), self.cfg.train.micro_batch, gens, g.variant, g.noise_level)
         self._record(len(prompts), sum(stops), self.sampler.steps * len(prompts) - sum(stops))
         return {k: v.float().cpu() if v.is_floating_point() else v for k, v in rec.items()} | {
             "tau": stop_times(self.sampler, stops), "stops": torch.tensor(stops), "version": self.versions["default"],
-            "rank": self.rank, "denoise_steps": sum(stops)}
+            "rank": self.rank, "denoise_steps": sum(stops), "work": delta(self.policy.backbone.work, before)}
 
     @torch.no_grad()
     def generate(self, job: Mapping) -> dict:
@@ -234,10 +247,14 @@ class RolloutGroup:
         when given): worker k gets job k (whole prompt groups), split into `chunks` tasks that finish one after the
         other. Returns (object ref, its prompts) per task, in batch order; nothing is waited for."""
         extra["weights"] = self.carried("default", version)
+        anchors = "full" in extra  # per sample: also roll on to t=0 (every task then returns anchors)
+        full = self._split(extra.pop("full", None) or [False] * len(prompts))
         tasks = []
-        for worker, p, s, t in zip(self.group.workers, self._split(prompts), self._split(seeds), self._split(stops)):
+        for worker, p, s, t, f in zip(self.group.workers, self._split(prompts), self._split(seeds), self._split(stops),
+                                      full):
             for a, b in _bounds(len(p), chunks):
-                job = {"prompts": p[a:b], "seeds": s[a:b], "stops": t[a:b], **extra}
+                job = {"prompts": p[a:b], "seeds": s[a:b], "stops": t[a:b], **extra} | (
+                    {"full": f[a:b]} if anchors else {})
                 tasks.append((getattr(worker, method).remote(job), p[a:b]))
         return tasks
 
@@ -251,7 +268,8 @@ class RolloutGroup:
             raise RuntimeError(f"rollouts sampled with weight versions {stale}, expected {version}")
         out = {k: torch.cat([p[k] for p in parts]) for k, v in parts[0].items() if isinstance(v, Tensor)}
         return out | {"versions": torch.cat([torch.full((len(p["stops"]),), p["version"]) for p in parts]),
-                      "version": version, "denoise_steps": sum(p["denoise_steps"] for p in parts)}
+                      "version": version, "denoise_steps": sum(p["denoise_steps"] for p in parts),
+                      "work": dict(sum((Counter(p["work"]) for p in parts), Counter()))}
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], grid: int = 0) -> dict:
         """Fully denoised evaluation samples (eval weights) across the workers, images of the first `grid`."""

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import bootstrap  # noqa: F401  (the repository root on sys.path)
-from training_alignment import time_to_reach
 
 from actors.trainer.state import LedgerRow, read_ledger
 from rlstitch.io import atomic_write_text
@@ -36,6 +35,11 @@ from rlstitch.io import atomic_write_text
 ROLES = {"RolloutWorker": ("rollout", "tab:blue"), "ValueActor": ("value", "tab:orange"),
          "learner": ("learner", "tab:green")}
 
+
+
+def time_to_reach(curve: list[dict], target: float) -> float | None:
+    """Wall seconds of the first evaluation at or above target."""
+    return next((p["wall_s"] for p in curve if p["clean_reward"] >= target), None)
 
 def run_one(k: int, iterations: int, every: int, out: Path, extra: list[str]) -> dict:
     """One nft_flux run at staleness k; returns its summary plus the per-iteration timings."""

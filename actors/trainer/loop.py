@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from actors.learner import LearnerLost
+from actors.trainer.accounting import iteration_work, rank_fidelity
 from actors.trainer.pipeline import (
     Pipeline,
     adapters,
@@ -45,7 +46,7 @@ from actors.trainer.pipeline import (
     staleness_stats,
     submit,
 )
-from actors.trainer.report import eval_set, evaluate, finish, log_iteration
+from actors.trainer.report import count_work, eval_set, evaluate, finish, log_iteration
 from actors.trainer.state import (
     Draw,
     LedgerRow,
@@ -143,6 +144,7 @@ class Trainer:
             reward, parts = self.score(job, roll, d)
             t2 = time.perf_counter()
             stats, learned = self.learn(d, roll, reward)
+            counted = self.account(d, roll, stats, reward)
             t3 = time.perf_counter()
             sync = self.publish()
             self.state.train_s += time.perf_counter() - t0
@@ -151,7 +153,7 @@ class Trainer:
                 reward = torch.tensor([stats["value"]])
             log_iteration(self.world, self.state, stats, parts, reward, roll["tau"], sync,
                           {"rollout_s": t1 - t0, "score_s": t2 - t1, "learn_s": t3 - t2,
-                           "sync_s": time.perf_counter() - t3, "denoise_steps": roll["denoise_steps"]})
+                           "sync_s": time.perf_counter() - t3, "denoise_steps": roll["denoise_steps"]}, counted)
             self.evaluate()
             self.checkpoint()
         return finish(self.world, self.state, time.perf_counter() - t_run)
@@ -179,6 +181,11 @@ class Trainer:
                                  cfg.train.async_staleness)
         state.iteration, state.version = state.iteration + 1, int(stats["step"])
         return stats, learned
+
+    def account(self, d: Draw, roll: dict, stats: dict, reward) -> dict:
+        """The iteration's counted work and cost (added to the run's), and the rank-fidelity diagnostic when due."""
+        work = iteration_work(self.world, self.algo, roll, stats, len(d.prompts))
+        return count_work(self.world, self.state, work) | rank_fidelity(self.world, self.algo, d, reward)
 
     def publish(self) -> dict:
         """Weight sync: the sampling weights of the current version, put once in the object store, loaded by the

@@ -11,6 +11,7 @@ from actors.trainer.state import RunState
 from actors.trainer.world import World, publish
 from rlstitch.data.prompts import load_prompts
 from rlstitch.train.config import RecipeConfig
+from rlstitch.train.cost import add_work, cost_table
 from rlstitch.train.run import image_grid
 
 
@@ -30,6 +31,7 @@ def evaluate(world: World, state: RunState, prompts: list[str], seeds: list[int]
     first = cfg.eval.rewards[0]
     r = parts[first].float().flatten()
     row = {"iteration": state.iteration, "step": state.version, "wall_s": round(state.train_s, 2),
+           **{u: round(sum(m.seconds(state.work).values()), 4) for u, m in world.costs.items()},
            "clean_reward": float(r.mean()),
            # the standard error of the mean over the held-out prompts (one sample each), and the per-prompt
            # scores (same prompts and noise at every evaluation: paired comparisons between evaluations)
@@ -46,10 +48,21 @@ def evaluate(world: World, state: RunState, prompts: list[str], seeds: list[int]
     return row
 
 
+def count_work(world: World, state: RunState, work: dict) -> dict:
+    """Add an iteration's counted work to the run's; returns its metrics: work/<op> rows, cost/<unit> of the
+    iteration and cost/<unit>_total of the run so far."""
+    add_work(state.work, work)
+    metrics = {f"work/{k}": float(v) for k, v in work.items()}
+    for unit, model in world.costs.items():
+        metrics[f"cost/{unit}"] = sum(model.seconds(work).values())
+        metrics[f"cost/{unit}_total"] = sum(model.seconds(state.work).values())
+    return metrics
+
+
 def log_iteration(world: World, state: RunState, stats: dict, reward_parts: dict, reward, tau, sync: dict,
-                  seconds: dict) -> None:
+                  seconds: dict, extra: dict | None = None) -> None:
     """One line of training metrics per iteration (wandb, jsonl, dashboard, progress bar)."""
-    metrics = {f"train/{k}": v for k, v in stats.items() if k != "step"}
+    metrics = {f"train/{k}": v for k, v in stats.items() if k != "step"} | (extra or {})
     # Population std: a DRaFT iteration may score a single rollout, whose sample std is undefined (NaN).
     metrics |= {"time/train_s": state.train_s, "train/reward_mean": float(reward.mean()),
                 "train/reward_std": float(reward.std(correction=0)),
@@ -60,6 +73,8 @@ def log_iteration(world: World, state: RunState, stats: dict, reward_parts: dict
                 **{f"time/{k}": v for k, v in seconds.items()}}
     world.log.log(metrics, step=state.version)
     record("rlstitch_reward_mean", float(reward.mean()), world.tags | {"role": "driver"})
+    if "cost/gpu_s_total" in metrics:
+        record("rlstitch_cost_gpu_s_total", metrics["cost/gpu_s_total"], world.tags | {"role": "driver"})
     world.log.advance({"step": state.version, "reward": float(reward.mean()), "loss": stats.get("loss", 0.0)})
 
 
@@ -67,7 +82,10 @@ def finish(world: World, state: RunState, wall_s: float) -> dict:
     """Final summary: untrained vs final clean reward, steps, wall times (training only, and this process's
     loop including evaluations); always written."""
     hist = state.history
-    summary = {"recipe": world.cfg.recipe, "mode": world.cfg.mode, "steps": state.version,
+    costs = {u: round(sum(m.seconds(state.work).values()), 3) for u, m in world.costs.items()}
+    world.log.info("compute of the run's training iterations (counted work x rlstitch/train/cost_table.json):\n"
+                   + cost_table(state.work, world.costs))
+    summary = {"cost": costs, "work": dict(state.work),"recipe": world.cfg.recipe, "mode": world.cfg.mode, "steps": state.version,
                "iterations": state.iteration, "epochs": state.prompts.epoch + state.prompts.offset / len(state.prompts.prompts),
                "train_s": round(state.train_s, 1), "loop_s": round(wall_s, 1), "untrained_clean_reward": hist[0]["clean_reward"] if hist else None,
                "final_clean_reward": hist[-1]["clean_reward"] if hist else None, "history": hist}

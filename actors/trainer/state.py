@@ -5,6 +5,7 @@ Moved from recipes/driver.py (DriverState -> RunState) and recipes/pipeline.py (
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,6 +50,7 @@ class RunState:
     # sampled with ({version: adapter}); the pipeline re-submits them first
     in_flight: list = field(default_factory=list)
     in_flight_weights: dict = field(default_factory=dict)
+    work: Counter = field(default_factory=Counter)  # counted training work so far, {op: rows} (rlstitch/train/cost.py)
 
 
 def new_state(cfg: RecipeConfig) -> RunState:
@@ -79,6 +81,7 @@ def restore(world: World, state: RunState, path: Path) -> None:
     state.train_s = float(info.get("train_s", 0.0))
     state.wandb_id = info.get("wandb_id")
     state.in_flight = list(info.get("in_flight", []))
+    state.work = Counter({k: float(v) for k, v in info.get("work", {}).items()})
     state.in_flight_weights = {int(name.split("-")[1]): t for name, t in extra.items() if name.startswith("sampled-")}
     world.log.info(f"resumed from {path}: iteration {state.iteration}, step {state.version}, "
                    f"epoch {state.prompts.epoch} (+{state.prompts.offset} prompts), {len(state.in_flight)} draws in flight")
@@ -91,7 +94,7 @@ def save(world: World, state: RunState, in_flight: list[dict] = (), weights: dic
     path = save_run(checkpoint_dir(world.cfg), state.iteration, world.learner.state(), state.rng,
                     keep=world.cfg.checkpoint.keep, extra={f"sampled-{v}": w for v, w in (weights or {}).items()},
                     iteration=state.iteration, data=state.prompts.state(), history=state.history,
-                    train_s=state.train_s, wandb_id=world.log.run_id, config=to_dict(world.cfg),
+                    train_s=state.train_s, work=dict(state.work), wandb_id=world.log.run_id, config=to_dict(world.cfg),
                     in_flight=list(in_flight))
     world.log.info(f"checkpoint: {path}")
     return path

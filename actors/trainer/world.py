@@ -14,10 +14,12 @@ from actors.rollout import RolloutGroup
 from actors.runtime import init_ray
 from actors.value import ValueActorPool, ValueClient, ValueSpec
 from rlstitch.config import load_recipe_config, to_dict
-from rlstitch.models.registry import BACKBONES
+from rlstitch.models.registry import BACKBONES, stitch_dir
 from rlstitch.placement import RoleSpec
+from rlstitch.stitch.artifact import read_manifest
 from rlstitch.train.algorithms import algorithm
 from rlstitch.train.config import RecipeConfig
+from rlstitch.train.cost import latent_tokens, models_for
 from rlstitch.train.run import RunLogger
 from rlstitch.train.scoring import LazyCleanReward, Scorer
 
@@ -45,6 +47,7 @@ class World:
     log: RunLogger
     tags: dict
     groups: list = field(default_factory=list)
+    costs: dict = field(default_factory=dict)  # unit ("gpu_s", "cpu_s") -> CostModel pricing the counted work
 
     def shutdown(self) -> None:
         """Stop every actor group (the learner first: its trainer thread waits on queues)."""
@@ -70,6 +73,7 @@ def build_scorers(cfg: RecipeConfig, tags: dict) -> tuple[Scorer, Scorer, list]:
     codec = BACKBONES[cfg.model.backbone].vae if cfg.model.codec == "auto" else cfg.model.codec
     pools: dict[tuple, ValueClient] = {}
     groups = []
+    ops: dict[int, tuple] = {}  # id(client) -> the work ops of one scored row (forward, backward)
 
     def clean(name: str, path: str | None) -> ValueClient:
         key = ("clean", name, path)
@@ -79,6 +83,7 @@ def build_scorers(cfg: RecipeConfig, tags: dict) -> tuple[Scorer, Scorer, list]:
             lazy = LazyCleanReward(codec, cfg.model.codec_path, name, path, tiny)
             pools[key], g = _value_pool(cfg, spec, lazy, tags, f"value-clean-{name}")
             groups.append(g)
+            ops[id(pools[key])] = (("decode", "reward"), ("decode_reward_bwd",))
         return pools[key]
 
     def stitch(name: str, path: str | None, artifact: str) -> ValueClient:
@@ -86,6 +91,8 @@ def build_scorers(cfg: RecipeConfig, tags: dict) -> tuple[Scorer, Scorer, list]:
                          reward_path=path, stitch=artifact, tiny_dir=tiny)
         client, g = _value_pool(cfg, spec, None, tags, f"value-stitch-{name}")
         groups.append(g)
+        i = read_manifest(stitch_dir(artifact))["i"]
+        ops[id(client)] = ((f"value_fwd/i={i}",), (f"value_bwd/i={i}",))
         return client
 
     paths = list(cfg.reward.paths) or [None] * len(cfg.reward.names)
@@ -95,7 +102,8 @@ def build_scorers(cfg: RecipeConfig, tags: dict) -> tuple[Scorer, Scorer, list]:
     eval_paths = list(cfg.eval.reward_paths) or [None] * len(cfg.eval.rewards)
     evals = {name: clean(name, path) for name, path in zip(cfg.eval.rewards, eval_paths)}
     weights = dict(zip(cfg.reward.names, cfg.reward.weights))
-    return Scorer(train, weights), Scorer(evals, {k: 1.0 for k in evals}), groups
+    return (Scorer(train, weights, {k: ops[id(c)] for k, c in train.items()}),
+            Scorer(evals, {k: 1.0 for k in evals}, {k: ops[id(c)] for k, c in evals.items()}), groups)
 
 
 def start(cfg: RecipeConfig, resume_id: str | None = None, start_iteration: int = 0) -> World:
@@ -118,7 +126,8 @@ def start(cfg: RecipeConfig, resume_id: str | None = None, start_iteration: int 
     value = None if algorithm(cfg).scored else scorer  # DRaFT: the learner asks for dV/dz itself
     learner = LearnerGroup(cfg, role(cfg, "learner"), tags | {"role": "learner"}, value=value, tiny_dir=tiny,
                            storage=out / "ray_train")
-    return World(cfg, rollouts, learner, scorer, eval_scorer, log, tags, groups)
+    costs = models_for(cfg.model.backbone, latent_tokens(cfg.model.backbone, cfg.model.latent_size))
+    return World(cfg, rollouts, learner, scorer, eval_scorer, log, tags, groups, costs)
 
 
 def publish(world: World, version: int, which: str = "sample", slot: str = "default", full: bool = False) -> dict:

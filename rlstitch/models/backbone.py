@@ -39,6 +39,9 @@ class DiffusionBackbone(nn.Module):
         self.text_encoder = text_encoder
         self.name = name or self.family
         self._null: Condition | None = None
+        # rows through full forwards, and through those run with gradients (a backward follows them):
+        # the compute accounting (rlstitch/train/cost.py) reads these counters
+        self.work = {"denoiser_fwd": 0, "denoiser_bwd": 0}
 
     # -- what subclasses provide -------------------------------------------------------------
     @property
@@ -119,6 +122,9 @@ class DiffusionBackbone(nn.Module):
     def velocity(self, z: Tensor, t: Tensor | float, cond: Condition | None = None) -> Tensor:
         """Predicted velocity v = eps - z0 at (z_t, t), in float32."""
         z, t, cond = self._check(z, t, cond)
+        self.work["denoiser_fwd"] += z.shape[0]
+        if torch.is_grad_enabled():
+            self.work["denoiser_bwd"] += z.shape[0]
         return self._forward(z, t, cond, None).float()
 
     def features(self, z: Tensor, t: Tensor | float, cond: Condition | None = None, *, upto: int) -> Tensor:

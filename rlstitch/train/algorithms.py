@@ -24,7 +24,8 @@ class Algorithm:
     """One training algorithm, as the loop, the learner and the config checks see it."""
 
     name: str
-    records: Mapping[str, str]  # the learner batch's tensors: {batch key: rollout result key}
+    # the learner batch's tensors: {batch key: rollout result key, or (key, fallback) when the rollout may lack it}
+    records: Mapping[str, str | tuple[str, str]]
     signal: Callable  # (cfg, reward) -> the batch's reward-derived tensors (NFT's r, GRPO's adv; none for DRaFT)
     step: Callable  # (learner, batch, rows, generator, first update?) -> stats of one optimizer step
     accumulation: Callable  # (cfg, samples per rank and update, micro-batch) -> backward passes per optimizer step
@@ -41,13 +42,23 @@ class Algorithm:
 
     def batch(self, cfg, roll: dict, reward, prompts: list[str]) -> dict:
         """The learner's batch of a collected draw: the recorded tensors, the reward signal and the prompts."""
-        return {k: roll[src] for k, src in self.records.items()} | self.signal(cfg, reward) | {"prompts": prompts}
+        pick = {k: src if isinstance(src, str) else (src[0] if src[0] in roll else src[1])
+                for k, src in self.records.items()}
+        return {k: roll[src] for k, src in pick.items()} | self.signal(cfg, reward) | {"prompts": prompts}
+
+
+def nft_job(cfg) -> dict:
+    """Per-sample flags of the rollouts that go on past tau to t=0 (nft.full_share of the groups, mode=stitch)."""
+    P, G = cfg.rollout.prompts_per_iteration, cfg.rollout.group_size
+    n = round(cfg.nft.full_share * P) if cfg.mode == "stitch" else 0
+    return {"full": [k // G < n for k in range(P * G)]} if n else {}
 
 
 # rollouts: G samples per prompt from the old policy, each stopped at its tau; scores: V(z_tau) from StitchVM, or
-# the clean reward at t=0; learner: NFT steps on the bridge anchored at z_tau, then the old-policy EMA
+# the clean reward at t=0; learner: NFT steps on the bridge anchored at z_tau (nft.full_share: the rollouts that
+# went on to t=0 anchor at z0, tau 0), then the old-policy EMA
 NFT = Algorithm(
-    "nft", {"z": "z", "tau": "tau"},
+    "nft", {"z": ("z_anchor", "z"), "tau": ("tau_anchor", "tau")}, job=nft_job,
     signal=lambda cfg, reward: {"r": optimality_probability(reward, cfg.rollout.group_size, cfg.nft.adv_clip_max)},
     step=lambda learner, batch, rows, gen, first: learner._nft_step(batch, rows, gen),
     accumulation=lambda cfg, per_rank, micro: (per_rank // micro) * cfg.nft.timesteps_per_sample,

@@ -104,6 +104,18 @@ class NFTConfig:
     t_range: list[float] = field(default_factory=lambda: [0.0, 1.0])  # t = tau + (1 - tau) U(lo, hi)
     old_decay_rate: float = 0.001  # rho = min(rate * step, max)
     old_decay_max: float = 0.5
+    # the learner's x0 target for t > tau: "bridge" z_t - t u on the bridge from z_tau (the exact clean sample at
+    # tau=0), or "tweedie" z_tau - tau v_old(z_tau), the old policy's estimate at z_tau: the same conditional
+    # mean with less variance, for one more forward per sample (mode=stitch; at tau=0 both are z0)
+    target: str = "bridge"
+    # mode=stitch: the share of each iteration's prompt groups (the first round(share x prompts)) whose rollouts go on
+    # past tau to t=0 after V(z_tau) is scored, so the learner also trains t < tau on them (forward path from z0)
+    full_share: float = 0.0
+    # mode=stitch, every rank_every iterations (0: never): roll rank_groups of the iteration's prompt groups on to
+    # t=0, score them with the clean reward and log diag/rank_spearman, the Spearman correlation of V(z_tau) with
+    # the clean reward within each group (averaged); diagnostic work, not counted as training compute
+    rank_every: int = 0
+    rank_groups: int = 2
 
 
 @dataclass
@@ -357,6 +369,12 @@ def nft_problems(c: RecipeConfig):
         yield f"nft.adv_clip_max must be > 0, got {c.nft.adv_clip_max}"
     if not 0 <= c.nft.old_decay_max < 1:
         yield f"nft.old_decay_max must be in [0, 1), got {c.nft.old_decay_max}"
+    yield from _choice("nft.target", c.nft.target, ("bridge", "tweedie"))
+    if not 0.0 <= c.nft.full_share <= 1.0:
+        yield f"nft.full_share must be in [0, 1], got {c.nft.full_share}"
+    if c.nft.rank_every < 0 or not 1 <= c.nft.rank_groups <= c.rollout.prompts_per_iteration:
+        yield (f"nft.rank_every ({c.nft.rank_every}) must be >= 0 and nft.rank_groups ({c.nft.rank_groups}) in "
+               f"1..rollout.prompts_per_iteration={c.rollout.prompts_per_iteration}")
     if c.nft.kl_weight < 0 or c.nft.old_decay_rate < 0:
         yield (f"nft.kl_weight ({c.nft.kl_weight}) and nft.old_decay_rate ({c.nft.old_decay_rate}) must be >= 0 "
                "(a negative weight rewards moving away from the reference)")

@@ -17,9 +17,10 @@ from rlstitch import checkpoint as ckpt
 from rlstitch.train import lora as L
 from rlstitch.train.algorithms import algorithm
 from rlstitch.train.config import RecipeConfig, flow_sampler
+from rlstitch.train.cost import delta
 from rlstitch.train.draft import draft_surrogate, truncated_rollout
 from rlstitch.train.ds_config import deepspeed_config
-from rlstitch.train.nft import bridge_point, nft_loss, old_policy_decay, sample_train_times
+from rlstitch.train.nft import bridge_point, nft_loss, old_policy_decay, sample_train_times, tweedie_x0
 from rlstitch.train.policy import REF, Policy
 
 ValueGrad = Callable[[Tensor, Tensor, Sequence[str]], tuple[Tensor, Tensor]]
@@ -147,6 +148,7 @@ class Learner:
         self.cfg, self.policy, self.engine, self.value = cfg, policy, engine, value
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.steps_done = 0
+        self.value_rows = 0  # rows through the value function's gradient in the current update
         self.ema = {k: v.detach().clone().float() for k, v in policy.named_trainable().items()}
         self.grid = flow_sampler(cfg).timesteps()
         self._cond: dict[str, object] = {}
@@ -175,6 +177,7 @@ class Learner:
         """One iteration: `updates_per_iteration` optimizer steps on this rank's slices, then the old policy."""
         n = len(batch["prompts"])
         stats: dict[str, float] = {}
+        before, self.value_rows = dict(self.policy.backbone.work), 0
         for u, rows in enumerate(self._rows(n, seed_of(self.cfg.train.seed, "shuffle", self.steps_done))):
             gen = torch.Generator().manual_seed(seed_of(self.cfg.train.seed, "noise", self.steps_done, self.rank))
             parts = self.algo.step(self, batch, rows, gen, u == 0)
@@ -187,7 +190,9 @@ class Learner:
         if "old" in self.algo.slots:
             stats["old_decay"] = self._update_old()
         stats["step"] = self.steps_done
-        return stats
+        # this rank's work (summed over ranks by the group): denoiser rows, and DRaFT's value_and_grad rows
+        work = delta(self.policy.backbone.work, before) | ({"value_grad": self.value_rows} if self.value_rows else {})
+        return stats | {f"work/{k}": float(v) for k, v in work.items()}
 
     def _nft_step(self, batch: dict, rows: Tensor, gen: torch.Generator) -> dict:
         """One optimizer step of DiffusionNFT on `rows` (micro-batches x training times, accumulated)."""
@@ -198,6 +203,15 @@ class Learner:
         for idx in rows.split(micro):
             z, tau = batch["z"][idx].float(), batch["tau"][idx].float()
             r, cond = batch["r"][idx].float(), self.cond([batch["prompts"][i] for i in idx.tolist()])
+            x0 = None
+            if nft.target == "tweedie":  # the old policy's one-step estimate at z_tau (z_tau itself at tau=0)
+                with torch.no_grad():
+                    todo = (tau > 0).nonzero().flatten()
+                    x0 = z.clone().to(self.device)
+                    if len(todo):
+                        c = type(cond)(cond.tokens[todo.to(self.device)], cond.pooled[todo.to(self.device)])
+                        v = self.policy.velocity(z[todo].to(self.device), tau[todo].to(self.device), c, "old")
+                        x0[todo] = tweedie_x0(x0[todo], tau[todo].to(self.device), v)
             for _ in range(nft.timesteps_per_sample):
                 t = sample_train_times(tau, gen, *nft.t_range)
                 eps = torch.randn(z.shape, generator=gen)
@@ -208,7 +222,7 @@ class Learner:
                     v_ref = self.policy.velocity(z_t, t_d, cond, REF) if nft.kl_weight > 0 else v_old
                 v = self.engine(z_t, t_d, cond)
                 out = nft_loss(v, v_old, v_ref, z_t, t_d, u, r.to(self.device), nft.beta, nft.adv_clip_max,
-                               nft.kl_weight)
+                               nft.kl_weight, x0)
                 self.engine.backward(out.loss)
                 self.engine.step()
                 for k, x in zip(acc, (out.loss.detach(), out.policy_loss, out.kl, out.positive, out.negative)):
@@ -224,6 +238,7 @@ class Learner:
         for idx in rows.split(micro):
             z_stop, reg, tau, prompts = self._draft_forward(batch, idx)
             value, grad = self.value(z_stop.detach().float().cpu(), tau, prompts)
+            self.value_rows += len(idx)
             loss = draft_surrogate(z_stop, grad.to(self.device), reg, cfg.draft.reg_weight)
             self.engine.backward(loss)
             self.engine.step()

@@ -80,8 +80,9 @@ class NFTLoss:
 
 
 def nft_loss(v_theta: Tensor, v_old: Tensor, v_ref: Tensor, z_t: Tensor, t: Tensor, u: Tensor, r: Tensor,
-             beta: float = 1.0, adv_clip_max: float = 5.0, kl_weight: float = 1e-4) -> NFTLoss:
-    """DiffusionNFT in x0 space (official code), for any anchor: x0 targets are z_t - t u (= z0 at tau=0).
+             beta: float = 1.0, adv_clip_max: float = 5.0, kl_weight: float = 1e-4, x0: Tensor | None = None) -> NFTLoss:
+    """DiffusionNFT in x0 space (official code), for any anchor: x0 targets are z_t - t u (= z0 at tau=0), or the
+    given `x0` (nft.target=tweedie: the old policy's estimate at z_tau, the same mean with less variance).
 
     v+ = (1-beta) v_old + beta v_theta, v- = (1+beta) v_old - beta v_theta;
     L = mean[adv_clip_max * (r L+ + (1-r) L-) / beta] + kl_weight * mean ||v_theta - v_ref||^2,
@@ -89,7 +90,7 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, v_ref: Tensor, z_t: Tensor, t: Tens
     """
     v_theta, v_old, v_ref, z_t, u = (x.float() for x in (v_theta, v_old.detach(), v_ref.detach(), z_t, u))
     tb, r = bcast(t.float(), z_t), r.float().to(z_t.device)
-    x0 = z_t - tb * u
+    x0 = z_t - tb * u if x0 is None else x0.float()
     v_pos = (1 - beta) * v_old + beta * v_theta
     v_neg = (1 + beta) * v_old - beta * v_theta
     pos = _weighted_x0_mse(z_t - tb * v_pos, x0)
@@ -97,6 +98,14 @@ def nft_loss(v_theta: Tensor, v_old: Tensor, v_ref: Tensor, z_t: Tensor, t: Tens
     policy = (adv_clip_max * (r * pos + (1 - r) * neg) / beta).mean()
     kl = (v_theta - v_ref).square().mean(dim=tuple(range(1, z_t.dim()))).mean()
     return NFTLoss(policy + kl_weight * kl, policy.detach(), kl.detach(), pos.mean().detach(), neg.mean().detach())
+
+
+def tweedie_x0(z_tau: Tensor, tau: Tensor, v: Tensor) -> Tensor:
+    """The one-step estimate of the clean latent from z_tau: z0_hat = z_tau - tau v(z_tau, tau) (z_tau at tau=0).
+
+    For t > tau the bridge makes z_t depend on x0 only through z_tau, so E[z0_hat | z_t] = E[x0 | z_t] when v is
+    the exact velocity: an unbiased target that, unlike z_t - t u, carries none of the bridge noise."""
+    return z_tau - bcast(tau.to(z_tau.dtype), z_tau) * v
 
 
 def old_policy_decay(step: int, rate: float = 0.001, max_decay: float = 0.5) -> float:

@@ -150,6 +150,23 @@ def sample_to_stops(velocity: Callable[[Tensor, float, Tensor], Tensor], z: Tens
     return out
 
 
+def continue_to_end(velocity: Callable[[Tensor, float, Tensor], Tensor], z: Tensor, sampler: FlowSampler,
+                    starts: Sequence[int], generators: Sequence[torch.Generator] | None = None) -> Tensor:
+    """Integrate each sample from its own step `starts[i]` (where z holds it) on to t=0; rows joining as their
+    step comes up (a start of `sampler.steps` leaves the row as it is)."""
+    grid = sampler.timesteps()
+    starts_t = torch.as_tensor(list(starts), dtype=torch.long)
+    if starts_t.numel() != z.shape[0] or bool((starts_t < 0).any()) or bool((starts_t > sampler.steps).any()):
+        raise ValueError(f"need one start in 0..{sampler.steps} per sample, got {list(starts)}")
+    out = z.clone()
+    for k in range(int(starts_t.min()) if len(starts_t) else sampler.steps, sampler.steps):
+        rows = (starts_t <= k).nonzero().flatten()
+        t, t_next = float(grid[k]), float(grid[k + 1])
+        gens = [generators[int(i)] for i in rows] if generators is not None else None
+        out[rows] = sampler.step(out[rows], velocity(out[rows], t, rows), t, t_next, gens)
+    return out
+
+
 def stop_times(sampler: FlowSampler, stops: Sequence[int]) -> Tensor:
     """tau = the grid time at each stop step (float32; 0 at the end of the schedule)."""
     return sampler.timesteps()[torch.as_tensor(list(stops), dtype=torch.long)].float()

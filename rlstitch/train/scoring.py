@@ -79,10 +79,20 @@ class Scorer:
     ValueActor), and `value_of(roll, prompts)` / `result(pending)` (ValueClient) for scores started while other
     rollouts still run: one request per source per call, per-source results kept for logging."""
 
-    def __init__(self, sources: dict, weights: dict[str, float]):
+    def __init__(self, sources: dict, weights: dict[str, float], ops: dict[str, tuple[tuple, tuple]] | None = None):
         if set(sources) != set(weights):
             raise KeyError(f"sources {sorted(sources)} do not match weights {sorted(weights)}")
         self.sources, self.weights = dict(sources), dict(weights)
+        # name -> (ops of a forward, ops of a backward) per scored row, for the compute accounting
+        self.ops = dict(ops or {})
+
+    def work(self, rows: int, grad: bool = False) -> dict[str, float]:
+        """The counted work of scoring `rows` latents with every source (and back-propagating, with grad)."""
+        out: dict[str, float] = {}
+        for fwd, bwd in self.ops.values():
+            for op in (*fwd, *(bwd if grad else ())):
+                out[op] = out.get(op, 0.0) + rows
+        return out
 
     def value(self, z: Tensor, t: Tensor | float, prompts: Sequence[str] | None) -> tuple[Tensor, dict[str, Tensor]]:
         """(weighted total [B], {name: value [B]})."""

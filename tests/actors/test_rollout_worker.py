@@ -50,6 +50,15 @@ def test_sample_stops_each_rollout_and_is_seeded(worker):
     torch.testing.assert_close(worker.sample(job)["z"], a["z"])
     d = worker.sample(job | {"draft_k": 1})  # DRaFT: one step before each stop
     assert d["denoise_steps"] == 5 and torch.equal(d["stops"], torch.tensor([2, 4, 2]))
+    assert a["work"] == {"denoiser_fwd": 8} and d["work"] == {"denoiser_fwd": 5}  # counted where they run
+    # nft.full_share: flagged rollouts also go on to t=0 and return that anchor (tau 0); the others keep z_tau
+    f = worker.sample(job | {"full": [True, False, False]})
+    torch.testing.assert_close(f["z"], a["z"])  # what is scored is unchanged
+    full = worker.sample(job | {"stops": [6, 4, 2]})
+    torch.testing.assert_close(f["z_anchor"][0], full["z"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(f["z_anchor"][1:], a["z"][1:])
+    assert f["tau_anchor"].tolist() == [0.0, *a["tau"][1:].tolist()]
+    assert f["denoise_steps"] == 8 + 4 and f["work"] == {"denoiser_fwd": 12}
 
 
 def test_generate_uses_the_eval_slot(worker, random_world):

@@ -176,3 +176,36 @@ def test_full_finetuning_publishes_ema_weights_a_rollout_policy_can_load():
     for which in ("ema", "current"):
         rollout.load_state(learner.weights(which), "evaluation")
         assert all(torch.equal(v, learner.weights(which)[k]) for k, v in rollout.state("evaluation").items())
+
+
+def test_continue_to_end_finishes_stopped_rollouts():
+    from rlstitch.train.policy import continue_to_end
+
+    sampler = FlowSampler(steps=6)
+    w = torch.randn(4, 4)
+
+    def velocity(z, t, rows):  # a smooth field that depends on t and the row's own state
+        return torch.tanh(z @ w) * (1 + t)
+
+    z1 = torch.randn(3, 4, 2, 4)
+    full = sample_to_stops(velocity, z1, sampler, [6, 6, 6])
+    stopped = sample_to_stops(velocity, z1, sampler, [2, 4, 6])
+    out = continue_to_end(velocity, stopped, sampler, [2, 4, 6])
+    torch.testing.assert_close(out, full, atol=1e-6, rtol=1e-6)
+    # a start at the last step leaves the row as it is
+    torch.testing.assert_close(continue_to_end(velocity, stopped, sampler, [6, 6, 6]), stopped)
+    with pytest.raises(ValueError, match="one start"):
+        continue_to_end(velocity, stopped, sampler, [7, 0, 0])
+
+
+def test_spearman_and_scorer_work():
+    from actors.trainer.accounting import spearman
+    from rlstitch.train.scoring import Scorer
+
+    a = torch.tensor([0.1, 0.5, 0.3, 0.9])
+    assert spearman(a, a * 2) == pytest.approx(1.0) and spearman(a, -a) == pytest.approx(-1.0)
+    assert spearman(a, torch.ones(4)) == 0.0  # a constant score ranks nothing
+    s = Scorer({"v": object(), "c": object()}, {"v": 1.0, "c": 1.0},
+               {"v": (("value_fwd/i=3",), ("value_bwd/i=3",)), "c": (("decode", "reward"), ("decode_reward_bwd",))})
+    assert s.work(8) == {"value_fwd/i=3": 8, "decode": 8, "reward": 8}
+    assert s.work(2, grad=True)["value_bwd/i=3"] == 2 and s.work(2, grad=True)["decode_reward_bwd"] == 2

@@ -136,3 +136,19 @@ def test_old_policy_decay_schedule():
     assert old_policy_decay(100) == pytest.approx(0.1)
     assert old_policy_decay(10_000) == 0.5
     assert old_policy_decay(30, rate=0.01, max_decay=0.2) == pytest.approx(0.2)
+
+
+def test_tweedie_target_is_the_clean_sample_for_the_exact_velocity():
+    from rlstitch.train.nft import tweedie_x0
+
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    tau = torch.tensor([0.0, 0.4, 0.7])
+    z_tau = forward_noise(x0, tau, eps)
+    torch.testing.assert_close(tweedie_x0(z_tau, tau, eps - x0), x0)  # with the true velocity eps - x0
+    # the loss regresses on the given x0 exactly as on a velocity target u with z_t - t u = x0
+    v, z_t = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    t, r = torch.tensor([0.5, 0.6, 0.8]), torch.tensor([1.0, 0.0, 0.5])
+    u = (z_t - x0) / t.view(-1, 1, 1, 1)
+    given = nft_loss(v, v * 0.9, v, z_t, t, torch.zeros_like(v), r, x0=x0)
+    torch.testing.assert_close(given.loss, nft_loss(v, v * 0.9, v, z_t, t, u, r).loss)
