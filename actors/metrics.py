@@ -21,7 +21,7 @@ METRICS = {
     "rlstitch_weight_sync_bytes_total": ("counter", "Bytes of weights sent to rollout workers"),
     "rlstitch_reward_mean": ("gauge", "Mean training reward of the last batch"),
     "rlstitch_value_mean": ("gauge", "Mean value of the last value call"),
-    "rlstitch_cost_gpu_s_total": ("gauge", "Projected GPU-seconds of the run's training work so far (cost table)"),
+    "rlstitch_cost_gpu_s_total": ("counter", "Projected GPU-seconds of training work (cost table)"),
     "rlstitch_stats_shards_total": ("counter", "Probe shards whose stitch statistics were collected"),
     "rlstitch_stats_tokens_total": ("counter", "Probe tokens added to stitch statistics"),
     "rlstitch_fit_residual": ("gauge", "Relative residual of the chosen stitch pair"),

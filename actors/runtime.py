@@ -10,6 +10,11 @@ import ray
 from actors.labels import SETUP_HOOK
 
 
+def joined_cluster() -> bool:
+    """Whether this driver joins a cluster that outlives it (RAY_ADDRESS) rather than a local instance of its own."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
 def init_ray(num_cpus: int | None = None, need: float = 0.0) -> None:
     """Connect to the job's cluster (RAY_ADDRESS, set by `ray job submit`) or start a local Ray on 127.0.0.1.
 
@@ -27,7 +32,7 @@ def init_ray(num_cpus: int | None = None, need: float = 0.0) -> None:
                         "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")},
            # names the learner ranks on the dashboard (a no-op in every other worker)
            "worker_process_setup_hook": SETUP_HOOK}
-    if os.environ.get("RAY_ADDRESS"):
+    if joined_cluster():
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
     else:
         num_cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(need))

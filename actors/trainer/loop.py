@@ -32,9 +32,12 @@ import sys
 import time
 from pathlib import Path
 
+import ray
 import torch
 
 from actors.learner import LearnerLost
+from actors.metrics import zero_counters
+from actors.runtime import joined_cluster
 from actors.trainer.accounting import iteration_work, rank_fidelity
 from actors.trainer.pipeline import (
     Pipeline,
@@ -71,10 +74,16 @@ def run(recipe: str, argv: list[str] | None = None) -> dict:
     (untrained and final clean reward, history of evaluations). A lost learner restarts the run from its latest
     checkpoint, at most checkpoint.restarts times."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    restarts, attempt = parse(recipe, argv).checkpoint.restarts, 0
+    cfg = parse(recipe, argv)
+    restarts, attempt = cfg.checkpoint.restarts, 0
     while True:
         try:
-            return train(recipe, argv)
+            summary = train(recipe, argv)
+            if joined_cluster() and cfg.log.metrics_linger_s > 0:
+                # a job's driver exports its metrics only while it lives: keep the last ones up for a scrape
+                log.info(f"keeping the driver's metrics up for {cfg.log.metrics_linger_s:.0f} s (log.metrics_linger_s)")
+                time.sleep(cfg.log.metrics_linger_s)
+            return summary
         except LearnerLost as e:
             attempt += 1
             if attempt > restarts:
@@ -127,6 +136,8 @@ class Trainer:
         algo = algorithm(cfg)
         self.cfg, self.state, self.world, self.evals, self.algo = cfg, state, world, evals, algo
         self.ledger = Path(cfg.out) / "ledger.jsonl"
+        if ray.is_initialized():  # rate() needs the counter's series before its first increase
+            zero_counters(("rlstitch_cost_gpu_s_total",), world.tags | {"role": "driver"})
         self.pipe = Pipeline(cfg.train.async_staleness, cfg.iterations, state.iteration,
                              lambda i, v: new_draw(cfg, state, algo, i, v), lambda d: submit(world, algo, d))
 

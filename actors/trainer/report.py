@@ -73,8 +73,8 @@ def log_iteration(world: World, state: RunState, stats: dict, reward_parts: dict
                 **{f"time/{k}": v for k, v in seconds.items()}}
     world.log.log(metrics, step=state.version)
     record("rlstitch_reward_mean", float(reward.mean()), world.tags | {"role": "driver"})
-    if "cost/gpu_s_total" in metrics:
-        record("rlstitch_cost_gpu_s_total", metrics["cost/gpu_s_total"], world.tags | {"role": "driver"})
+    if metrics.get("cost/gpu_s", 0.0) > 0:  # counters take positive increments only
+        record("rlstitch_cost_gpu_s_total", metrics["cost/gpu_s"], world.tags | {"role": "driver"})
     world.log.advance({"step": state.version, "reward": float(reward.mean()), "loss": stats.get("loss", 0.0)})
 
 

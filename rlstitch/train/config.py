@@ -183,6 +183,9 @@ class LogConfig:
     project: str = "rlstitch"
     run_name: str | None = None
     progress: bool = True
+    # on a cluster that outlives the job (ray job submit): seconds the driver stays up after the run, so that the
+    # metrics it recorded last (its gauges are exported only while it lives) are pushed and scraped at least once
+    metrics_linger_s: float = 15.0
 
 
 @dataclass
@@ -280,6 +283,8 @@ def _problems(c: RecipeConfig):
                     ("rollout.stream_chunks", c.rollout.stream_chunks)]:
         if v < 1:
             yield f"{name} must be >= 1, got {v}"
+    if not 0 <= c.log.metrics_linger_s <= 600:
+        yield f"log.metrics_linger_s must be in [0, 600] seconds, got {c.log.metrics_linger_s}"
     if c.checkpoint.restarts < 0:
         yield f"checkpoint.restarts must be >= 0 (0: a lost learner fails the run), got {c.checkpoint.restarts}"
     if c.checkpoint.keep < 0:
