@@ -31,7 +31,7 @@ def evaluate(world: World, state: RunState, prompts: list[str], seeds: list[int]
     first = cfg.eval.rewards[0]
     r = parts[first].float().flatten()
     row = {"iteration": state.iteration, "step": state.version, "wall_s": round(state.train_s, 2),
-           **{u: round(sum(m.seconds(state.work).values()), 4) for u, m in world.costs.items()},
+           **{u: round(m.total(state.work), 4) for u, m in world.costs.items()},
            "clean_reward": float(r.mean()),
            # the standard error of the mean over the held-out prompts (one sample each), and the per-prompt
            # scores (same prompts and noise at every evaluation: paired comparisons between evaluations)
@@ -54,8 +54,8 @@ def count_work(world: World, state: RunState, work: dict) -> dict:
     add_work(state.work, work)
     metrics = {f"work/{k}": float(v) for k, v in work.items()}
     for unit, model in world.costs.items():
-        metrics[f"cost/{unit}"] = sum(model.seconds(work).values())
-        metrics[f"cost/{unit}_total"] = sum(model.seconds(state.work).values())
+        metrics[f"cost/{unit}"] = model.total(work)
+        metrics[f"cost/{unit}_total"] = model.total(state.work)
     return metrics
 
 
@@ -82,7 +82,7 @@ def finish(world: World, state: RunState, wall_s: float) -> dict:
     """Final summary: untrained vs final clean reward, steps, wall times (training only, and this process's
     loop including evaluations); always written."""
     hist = state.history
-    costs = {u: round(sum(m.seconds(state.work).values()), 3) for u, m in world.costs.items()}
+    costs = {u: round(m.total(state.work), 3) for u, m in world.costs.items()}
     world.log.info("compute of the run's training iterations (counted work x rlstitch/train/cost_table.json):\n"
                    + cost_table(state.work, world.costs))
     summary = {"cost": costs, "work": dict(state.work),"recipe": world.cfg.recipe, "mode": world.cfg.mode, "steps": state.version,

@@ -90,6 +90,10 @@ class CostModel:
         """Seconds per op of a work dict (keys as in the work dict)."""
         return {k: float(n) * self.op_seconds(k) for k, n in work.items() if n}
 
+    def total(self, work: Mapping[str, float]) -> float:
+        """Seconds of all of a work dict."""
+        return sum(self.seconds(work).values())
+
 
 def latent_tokens(backbone: str, latent_size: int) -> int:
     """Image tokens of a latent_size^2 latent: 2x2 patches (SD3.5, FLUX packing), 1x1 for the tiny backbones."""

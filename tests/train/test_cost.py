@@ -51,6 +51,7 @@ def test_projection_scales_with_tokens_and_maps_the_cut_by_depth():
 def test_pricing_and_bad_ops():
     model = CostModel("p", {"denoiser_fwd": {"s": 0.5}, "value_fwd": {"by_cut": {"2": 1.0, "4": 3.0}}}, scale=2.0)
     assert model.seconds({"denoiser_fwd": 3, "value_fwd/i=3": 1}) == {"denoiser_fwd": 3.0, "value_fwd/i=3": 4.0}
+    assert model.total({"denoiser_fwd": 3, "value_fwd/i=3": 1}) == 7.0
     with pytest.raises(KeyError, match="needs a cut"):
         model.op_seconds("value_fwd")
     with pytest.raises(KeyError, match="unknown work op"):
